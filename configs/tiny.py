@@ -1,0 +1,26 @@
+"""A tiny model of the SD 2.x family (same block types, linear projections, GEGLU, VAE
+with mid attention), small enough to build, save, load and run in seconds on a CPU."""
+
+from ml_collections import ConfigDict
+
+from configs import sd21_base
+
+
+def get_config() -> ConfigDict:
+    config = sd21_base.get_config()
+    config.unet.update({
+        "attention_head_dim": [2, 4, 4],
+        "block_out_channels": [32, 64, 64],
+        "cross_attention_dim": 64,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "sample_size": 16,
+    })
+    config.vae.update({
+        "block_out_channels": [32, 32, 64, 64],
+        "layers_per_block": 1,
+        "sample_size": 128,
+    })
+    config.image_size = 128
+    config.prompt_length = 77
+    return config

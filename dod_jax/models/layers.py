@@ -1,0 +1,238 @@
+"""Building blocks shared by the SD UNet and VAE ports (Flax NNX, NHWC).
+
+Parameter names follow Flax (`kernel`, `scale`, `bias`) and attribute names follow
+diffusers' module names, so a parameter's path in an NNX state reads as the diffusers
+tensor name (`down_blocks.0.resnets.1.conv1.kernel` <-> `down_blocks.0.resnets.1.conv1.weight`).
+Kernels are stored in Flax layout: Linear (in, out), Conv (kh, kw, in, out).
+
+Every module takes `dtype`, the compute dtype of its activations; parameters stay in
+`param_dtype` and are cast at use. Normalisations compute their statistics in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype
+
+
+def _uniform_fan_in(key, shape, fan_in, dtype):
+    # PyTorch's default init for Linear/Conv (kaiming_uniform with a=sqrt(5)) reduces
+    # to U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the same scale keeps random-weight models
+    # numerically tame in both frameworks.
+    bound = 1.0 / jnp.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Linear(nnx.Module):
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype
+        self.kernel = nnx.Param(_uniform_fan_in(rngs.params(), (in_features, out_features), in_features, param_dtype))
+        self.bias = (nnx.Param(_uniform_fan_in(rngs.params(), (out_features,), in_features, param_dtype))
+                     if use_bias else None)
+
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Conv2d(nnx.Module):
+    """2D convolution on NHWC inputs with symmetric integer padding (PyTorch semantics)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
+                 padding: int | None = None, use_bias: bool = True,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.stride = stride
+        self.padding = kernel_size // 2 if padding is None else padding
+        self.dtype = dtype
+        fan_in = in_channels * kernel_size * kernel_size
+        self.kernel = nnx.Param(_uniform_fan_in(
+            rngs.params(), (kernel_size, kernel_size, in_channels, out_channels), fan_in, param_dtype))
+        self.bias = nnx.Param(_uniform_fan_in(rngs.params(), (out_channels,), fan_in, param_dtype)) if use_bias else None
+
+    def __call__(self, x):
+        kernel = self.kernel[...].astype(self.dtype)
+        if kernel.shape[0] == kernel.shape[1] == 1 and self.stride == 1 and self.padding == 0:
+            y = jnp.dot(x.astype(self.dtype), kernel[0, 0])
+        else:
+            p = self.padding
+            y = jax.lax.conv_general_dilated(
+                x.astype(self.dtype), kernel, window_strides=(self.stride, self.stride),
+                padding=((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def _affine_norm_params(module, features: int, param_dtype: Dtype):
+    module.scale = nnx.Param(jnp.ones((features,), param_dtype))
+    module.bias = nnx.Param(jnp.zeros((features,), param_dtype))
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over the channel axis of an (..., C) input; statistics in float32."""
+
+    def __init__(self, num_groups: int, num_channels: int, *, eps: float,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
+        self.num_groups, self.eps, self.dtype = num_groups, eps, dtype
+        _affine_norm_params(self, num_channels, param_dtype)
+
+    def __call__(self, x):
+        shape = x.shape
+        xg = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, shape[-1] // self.num_groups)
+        mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
+        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, features: int, *, eps: float = 1e-5,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+        self.eps, self.dtype = eps, dtype
+        _affine_norm_params(self, features, param_dtype)
+
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class ResnetBlock2D(nnx.Module):
+    """GroupNorm-SiLU-conv twice, optional timestep injection, 1x1 shortcut when widths differ."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int | None, groups: int,
+                 eps: float, output_scale_factor: float = 1.0,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps, **kw)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, rngs=rngs, **kw)
+        self.time_emb_proj = Linear(temb_channels, out_channels, rngs=rngs, **kw) if temb_channels else None
+        self.norm2 = GroupNorm(groups, out_channels, eps=eps, **kw)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, rngs=rngs, **kw)
+        self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, rngs=rngs, **kw)
+                              if in_channels != out_channels else None)
+        self.output_scale_factor = output_scale_factor
+
+    def __call__(self, x, temb=None):
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        out = x.astype(h.dtype) + h
+        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
+class Downsample2D(nnx.Module):
+    """Stride-2 3x3 conv. padding=0 means diffusers' asymmetric (0, 1) right/bottom pad (the VAE)."""
+
+    def __init__(self, channels: int, *, padding: int, dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        self.asymmetric_pad = padding == 0
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding, rngs=rngs,
+                           dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x):
+        if self.asymmetric_pad:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return self.conv(x)
+
+
+def resize_nearest(x, size: tuple[int, int]):
+    """Nearest-neighbour resize of NHWC `x` to `size`, PyTorch's `mode="nearest"` rule
+    (source index floor(dst * in / out))."""
+    h, w = x.shape[1:3]
+    oh, ow = size
+    if (oh, ow) == (2 * h, 2 * w):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    rows = (jnp.arange(oh) * h) // oh
+    cols = (jnp.arange(ow) * w) // ow
+    return x[:, rows][:, :, cols]
+
+
+class Upsample2D(nnx.Module):
+    def __init__(self, channels: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.conv = Conv2d(channels, channels, 3, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x, size: tuple[int, int] | None = None):
+        size = size or (2 * x.shape[1], 2 * x.shape[2])
+        return self.conv(resize_nearest(x, size))
+
+
+class Attention(nnx.Module):
+    """Multi-head attention over (B, T, C) tokens; `context` gives cross-attention keys/values.
+
+    Runs through jax.nn.dot_product_attention (BTNH); logits and softmax are float32 whatever
+    the compute dtype, which SD 2.x needs. `implementation` is passed through (None, "xla",
+    "cudnn").
+    """
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, *, context_dim: int | None = None,
+                 qkv_bias: bool = False, implementation: str | None = None,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads, self.dim_head, self.implementation = heads, dim_head, implementation
+        self.to_q = Linear(query_dim, inner, use_bias=qkv_bias, **kw)
+        self.to_k = Linear(context_dim, inner, use_bias=qkv_bias, **kw)
+        self.to_v = Linear(context_dim, inner, use_bias=qkv_bias, **kw)
+        self.to_out = nnx.List([Linear(inner, query_dim, **kw)])
+
+    def __call__(self, x, context=None):
+        context = x if context is None else context
+        b, t = x.shape[:2]
+        split = lambda y: y.reshape(b, y.shape[1], self.heads, self.dim_head)
+        q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        return self.to_out[0](out.reshape(b, t, self.heads * self.dim_head))
+
+
+class SpatialSelfAttention(Attention):
+    """The VAE mid-block attention: GroupNorm, single-head self-attention over all pixels,
+    residual add. diffusers keeps the norm inside the attention module as `group_norm`."""
+
+    def __init__(self, channels: int, *, groups: int, eps: float, implementation: str | None = None,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        super().__init__(channels, 1, channels, qkv_bias=True, implementation=implementation,
+                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.group_norm = GroupNorm(groups, channels, eps=eps, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        tokens = self.group_norm(x).reshape(b, h * w, c)
+        return x + super().__call__(tokens).reshape(b, h, w, c)
+
+
+def call_maybe_remat(remat: bool, fn: Callable, module: nnx.Module, *args):
+    """Call `fn(module, *args)`, rematerialised in the backward pass when `remat` is set.
+    Non-array arguments must be closed over in `fn`."""
+    if remat:
+        return nnx.remat(fn)(module, *args)
+    return fn(module, *args)
+
+
+def as_tuple(value, n: int, name: str) -> tuple:
+    """A per-block config value given either once or per block (diffusers allows both)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"config {name!r} has {len(value)} entries for {n} blocks")
+        return tuple(value)
+    return (value,) * n
+

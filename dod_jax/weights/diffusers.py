@@ -1,0 +1,336 @@
+"""Loading and saving the SD UNet / VAE ports from and to the folders diffusers writes.
+
+No torch or diffusers at run time: safetensors are read with safetensors' NumPy API, the
+diffusers Flax format (diffusion_flax_model.msgpack) with flax.serialization.
+
+The name table is explicit and derived from the model itself: every NNX parameter path is
+already the diffusers module path (see models/layers.py), so each parameter yields one
+`TensorEntry` naming its diffusers tensor and its layout:
+  linear  our (in, out)            <-> torch (out, in)
+  conv    our (kh, kw, in, out)    <-> torch (out, in, kh, kw)
+  vector  norms' scale -> `weight`, biases, unchanged
+A file that does not fit the model raises WeightsMismatchError listing the missing,
+unexpected and mis-shaped tensors; no parameter is ever left at its initial value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, serialization
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from dod_jax.models.unet import UNet2DCondition, UNetConfig
+from dod_jax.models.vae import AutoencoderKL, VAEConfig
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
+FLAX_NAME = "diffusion_flax_model.msgpack"
+
+MODEL_CLASSES = {
+    "UNet2DConditionModel": (UNetConfig, UNet2DCondition),
+    "AutoencoderKL": (VAEConfig, AutoencoderKL),
+}
+
+
+class WeightsError(ValueError):
+    """A weights folder or file that cannot be loaded; the message names the file."""
+
+
+class WeightsMismatchError(WeightsError):
+    def __init__(self, source: str, missing: list[str], unexpected: list[str],
+                 misshaped: list[tuple[str, tuple, tuple]]):
+        self.missing, self.unexpected, self.misshaped = missing, unexpected, misshaped
+        parts = [f"{source} does not fit the model:"]
+        if missing:
+            parts.append(f"  {len(missing)} missing: " + _listing(missing))
+        if unexpected:
+            parts.append(f"  {len(unexpected)} unexpected: " + _listing(unexpected))
+        if misshaped:
+            parts.append(f"  {len(misshaped)} mis-shaped: " + _listing(
+                [f"{n} (file {tuple(f)}, model expects {tuple(m)})" for n, f, m in misshaped]))
+        super().__init__("\n".join(parts))
+
+
+def _listing(items: list[str], limit: int = 20) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    path: tuple           # NNX state path, e.g. ('down_blocks', 0, 'resnets', 1, 'conv1', 'kernel')
+    name: str             # diffusers tensor name, e.g. 'down_blocks.0.resnets.1.conv1.weight'
+    layout: str           # 'linear' | 'conv' | 'vector'
+    shape: tuple          # shape in our layout
+
+    @property
+    def torch_shape(self) -> tuple:
+        return tuple(to_torch_layout(self.layout, np.empty(self.shape, np.uint8)).shape)
+
+
+def to_torch_layout(layout: str, array: np.ndarray) -> np.ndarray:
+    if layout == "linear":
+        return array.T
+    if layout == "conv":
+        return array.transpose(3, 2, 0, 1)
+    return array
+
+
+def from_torch_layout(layout: str, tensor: np.ndarray) -> np.ndarray:
+    if layout == "linear":
+        return tensor.T
+    if layout == "conv":
+        return tensor.transpose(2, 3, 1, 0)
+    return tensor
+
+
+def param_table(model: nnx.Module) -> list[TensorEntry]:
+    """The explicit name/layout table of a model's parameters."""
+    table = []
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        leaf = path[-1]
+        shape = tuple(var.shape)
+        if leaf == "kernel":
+            layout, torch_leaf = ("conv" if len(shape) == 4 else "linear"), "weight"
+        elif leaf == "scale":
+            layout, torch_leaf = "vector", "weight"
+        elif leaf == "bias":
+            layout, torch_leaf = "vector", "bias"
+        else:
+            raise TypeError(f"parameter {path} has no diffusers naming rule")
+        name = ".".join(str(p) for p in path[:-1]) + "." + torch_leaf
+        table.append(TensorEntry(tuple(path), name, layout, shape))
+    return table
+
+
+# Before diffusers 0.14 the VAE attention was named query/key/value/proj_attn; SD checkpoints
+# published then (SD 1.x, 2.x among them) may still carry those names.
+_LEGACY_VAE_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+_VAE_ATTENTION_NAME = re.compile(r"^((?:en|de)coder\.mid_block\.attentions\.\d+)\.(to_q|to_k|to_v|to_out\.0)\.")
+
+
+def legacy_name(name: str) -> str | None:
+    m = _VAE_ATTENTION_NAME.match(name)
+    if not m:
+        return None
+    return f"{m.group(1)}.{_LEGACY_VAE_ATTENTION[m.group(2)]}." + name[m.end():]
+
+
+def flax_key(entry: TensorEntry) -> tuple[str, ...]:
+    """The key of a parameter in diffusers' Flax (linen) parameter tree: list indices are
+    joined to their name with '_' and attention projections are query/key/value/proj_attn."""
+    key: list[str] = []
+    path = list(entry.path)
+    i = 0
+    while i < len(path):
+        part = path[i]
+        if part == "to_out" and i + 1 < len(path) and path[i + 1] == 0:
+            key.append("proj_attn")
+            i += 2
+            continue
+        if isinstance(part, int):
+            key[-1] = f"{key[-1]}_{part}"
+        else:
+            key.append({"to_q": "query", "to_k": "key", "to_v": "value"}.get(part, part))
+        i += 1
+    return tuple(key)
+
+
+# ---------------------------------------------------------------------------------- reading
+
+class _TensorSource:
+    """Tensors by name from one or more files, with shapes known before reading."""
+
+    def __init__(self, description: str, shapes: dict[str, tuple], read: Callable[[str], np.ndarray]):
+        self.description, self.shapes, self._read = description, shapes, read
+
+    def read(self, name: str) -> np.ndarray:
+        return self._read(name)
+
+
+def _safetensors_source(files: list[Path], description: str) -> _TensorSource:
+    handles, shapes, owner = [], {}, {}
+    for f in files:
+        try:
+            h = safe_open(str(f), framework="np")
+            for name in h.keys():
+                shapes[name] = tuple(h.get_slice(name).get_shape())
+                owner[name] = h
+        except (SafetensorError, OSError) as e:
+            raise WeightsError(f"{f}: not a readable safetensors file ({e})") from e
+        handles.append(h)
+
+    def read(name: str) -> np.ndarray:
+        try:
+            return owner[name].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise WeightsError(f"{description}: tensor {name} cannot be read ({e})") from e
+
+    return _TensorSource(description, shapes, read)
+
+
+def _msgpack_source(file: Path) -> _TensorSource:
+    try:
+        tree = serialization.msgpack_restore(file.read_bytes())
+    except Exception as e:  # msgpack raises several unrelated types for a damaged file
+        raise WeightsError(f"{file}: not a readable Flax msgpack file ({type(e).__name__}: {e})") from e
+    flat = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(prefix + (k,), v)
+        else:
+            flat[prefix] = np.asarray(node)
+
+    walk((), tree)
+    return _TensorSource(str(file), {k: v.shape for k, v in flat.items()}, flat.__getitem__)
+
+
+def _weights_files(folder: Path, variant: str | None) -> tuple[str, list[Path]]:
+    """('safetensors' | 'msgpack', files) for a diffusers model folder."""
+    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    single = folder / f"{stem}.safetensors"
+    if single.is_file():
+        return "safetensors", [single]
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from e
+        shards = [folder / s for s in dict.fromkeys(weight_map.values())]
+        absent = [str(s) for s in shards if not s.is_file()]
+        if absent:
+            raise WeightsError(f"{index} lists shards that are absent: {', '.join(absent)}")
+        return "safetensors", shards
+    if variant is None and (folder / FLAX_NAME).is_file():
+        return "msgpack", [folder / FLAX_NAME]
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise WeightsError(
+        f"{folder}: no weights found (looked for {single.name}, {index.name}"
+        f"{'' if variant else ', ' + FLAX_NAME}); the folder holds: {present or 'nothing'}"
+        + ("; PyTorch .bin files need a one-off conversion to safetensors" if any(
+            p.endswith(".bin") for p in present) else ""))
+
+
+def read_config(folder: Path) -> dict:
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise WeightsError(f"{path}: missing (a diffusers model folder needs its {CONFIG_NAME})")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    return config
+
+
+def build_abstract(config_dict: dict, source: str, **model_kwargs) -> nnx.Module:
+    """The model described by a diffusers config, with shapes but no values."""
+    class_name = config_dict.get("_class_name")
+    if class_name not in MODEL_CLASSES:
+        raise WeightsError(f"{source}: _class_name {class_name!r} is not one of {sorted(MODEL_CLASSES)}")
+    config_cls, model_cls = MODEL_CLASSES[class_name]
+    try:
+        config = config_cls.from_diffusers(config_dict)
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{source}: {e}") from e
+    return nnx.eval_shape(lambda: model_cls(config, rngs=_ShapeOnlyRngs(), **model_kwargs))
+
+
+class _ShapeOnlyRngs:
+    """Stands in for nnx.Rngs when only shapes are built: the key's value cannot matter, and
+    nnx.Rngs' bookkeeping under tracing grows with the trace (seconds for the SD UNet)."""
+
+    def params(self):
+        return jax.random.key(0)
+
+
+def _fill(model: nnx.Module, table: list[TensorEntry], names: list[str], source: _TensorSource,
+          convert: Callable[[TensorEntry, np.ndarray], np.ndarray], file_shape: Callable[[TensorEntry], tuple]):
+    """Check every entry against the source, then set every parameter of `model`."""
+    wanted = set(names)
+    missing = [n for n in names if n not in source.shapes]
+    unexpected = sorted(str(k) for k in source.shapes if k not in wanted)
+    misshaped = [(n, source.shapes[n], file_shape(e)) for e, n in zip(table, names)
+                 if n in source.shapes and tuple(source.shapes[n]) != file_shape(e)]
+    if missing or unexpected or misshaped:
+        raise WeightsMismatchError(source.description, [str(m) for m in missing], unexpected, misshaped)
+    variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for entry, name in zip(table, names):
+        var = variables[entry.path]
+        var.set_value(jnp.asarray(convert(entry, source.read(name)), dtype=var.dtype))
+
+
+def load_model(folder: str | os.PathLike, *, variant: str | None = None, dtype=jnp.float32,
+               param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = None) -> nnx.Module:
+    """Load a diffusers model folder (config.json + weights) into UNet2DCondition or
+    AutoencoderKL, chosen by the config's `_class_name`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: no such model folder")
+    config = read_config(folder)
+    model = build_abstract(config, str(folder / CONFIG_NAME), dtype=dtype, param_dtype=param_dtype,
+                           remat=remat, attention_impl=attention_impl)
+    table = param_table(model)
+    kind, files = _weights_files(folder, variant)
+    description = ", ".join(str(f) for f in files)
+    if kind == "safetensors":
+        source = _safetensors_source(files, description)
+        names = [_resolve_name(e.name, source.shapes) for e in table]
+        _fill(model, table, names, source, lambda e, t: from_torch_layout(e.layout, t), lambda e: e.torch_shape)
+    else:
+        source = _msgpack_source(files[0])
+        names = [flax_key(e) for e in table]
+        _fill(model, table, names, source, lambda e, t: t, lambda e: e.shape)
+    return model
+
+
+def _resolve_name(name: str, available: dict) -> str:
+    if name in available:
+        return name
+    old = legacy_name(name)
+    return old if old is not None and old in available else name
+
+
+# ---------------------------------------------------------------------------------- writing
+
+def save_model(model: nnx.Module, folder: str | os.PathLike) -> Path:
+    """Write config.json and diffusion_pytorch_model.safetensors in diffusers' layout.
+    Each file is written to a temporary name and renamed, so a reader never sees half a file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for entry in param_table(model):
+        tensors[entry.name] = np.ascontiguousarray(to_torch_layout(entry.layout, np.asarray(variables[entry.path][...])))
+    _atomic_write(folder / SAFETENSORS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    config = dict(model.config.to_diffusers(), _diffusers_version="0.42.1")
+    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    return folder
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]):
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+

@@ -1,0 +1,69 @@
+"""Shared helpers: reference models from diffusers (PyTorch, CPU) with random weights,
+written with save_pretrained() into temporary folders, and layout conversions."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sd21_config():
+    from dod_jax.configs import load_config
+    return load_config(ROOT / "configs" / "sd21_base.py")
+
+
+def tiny_config():
+    from dod_jax.configs import load_config
+    return load_config(ROOT / "configs" / "tiny.py")
+
+
+def sd1_style_tiny_unet() -> dict:
+    """SD 1.x traits: 1x1-conv projections, one integer head count, 2 transformer layers in
+    one level, non-default freq shift / scale factors, no flip."""
+    cfg = tiny_config().unet.to_dict()
+    cfg.update({"use_linear_projection": False, "attention_head_dim": 4, "transformer_layers_per_block": [1, 2, 1],
+                "flip_sin_to_cos": False, "freq_shift": 1, "mid_block_scale_factor": 2.0,
+                "cross_attention_dim": 48, "layers_per_block": 1})
+    return cfg
+
+
+def perturb_(module, seed: int, scale: float = 0.05):
+    """Random offsets on every parameter, so norms' weights and biases differ from 1 and 0
+    and a mix-up of any two tensors shows in the outputs."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return module
+
+
+def diffusers_model(kind: str, config: dict, seed: int = 0):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    torch.manual_seed(seed)
+    cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[kind]
+    cfg = {k: v for k, v in copy.deepcopy(dict(config)).items() if not k.startswith("_")}
+    return perturb_(cls(**cfg).eval(), seed)
+
+
+def nchw(x):
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
+
+
+def nhwc(t):
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
