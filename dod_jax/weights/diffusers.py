@@ -32,6 +32,7 @@ from safetensors.numpy import save_file
 
 from dod_jax.models.unet import UNet2DCondition, UNetConfig
 from dod_jax.models.vae import AutoencoderKL, VAEConfig
+from dod_jax.schedule import DDPMSchedule
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
@@ -263,12 +264,13 @@ def _fill(model: nnx.Module, table: list[TensorEntry], names: list[str], source:
           convert: Callable[[TensorEntry, np.ndarray], np.ndarray], file_shape: Callable[[TensorEntry], tuple]):
     """Check every entry against the source, then set every parameter of `model`."""
     wanted = set(names)
-    missing = [n for n in names if n not in source.shapes]
-    unexpected = sorted(str(k) for k in source.shapes if k not in wanted)
-    misshaped = [(n, source.shapes[n], file_shape(e)) for e, n in zip(table, names)
+    show = lambda n: "/".join(n) if isinstance(n, tuple) else n  # msgpack keys are tuples
+    missing = [show(n) for n in names if n not in source.shapes]
+    unexpected = sorted(show(k) for k in source.shapes if k not in wanted)
+    misshaped = [(show(n), source.shapes[n], file_shape(e)) for e, n in zip(table, names)
                  if n in source.shapes and tuple(source.shapes[n]) != file_shape(e)]
     if missing or unexpected or misshaped:
-        raise WeightsMismatchError(source.description, [str(m) for m in missing], unexpected, misshaped)
+        raise WeightsMismatchError(source.description, missing, unexpected, misshaped)
     variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     for entry, name in zip(table, names):
         var = variables[entry.path]
@@ -334,3 +336,54 @@ def _atomic_write(path: Path, write: Callable[[str], None]):
             os.unlink(tmp)
         raise
 
+
+
+# --------------------------------------------------------------------------------- pipelines
+
+@dataclasses.dataclass
+class SDPipeline:
+    """The parts of a diffusers Stable Diffusion pipeline folder that DOD builds on."""
+    unet: UNet2DCondition
+    vae: AutoencoderKL
+    schedule: DDPMSchedule
+
+
+def read_scheduler_config(folder: Path) -> dict:
+    path = Path(folder) / "scheduler_config.json"
+    if not path.is_file():
+        raise WeightsError(f"{path}: missing (a pipeline's scheduler/ folder needs it)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from e
+
+
+def load_pipeline(folder: str | os.PathLike, *, variant: str | None = None, dtype=jnp.float32,
+                  param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = None) -> SDPipeline:
+    """Load unet/, vae/ and scheduler/ of a diffusers pipeline folder (text encoder not needed:
+    DOD uses precomputed prompt embeddings)."""
+    folder = Path(folder)
+    absent = [sub for sub in ("unet", "vae", "scheduler") if not (folder / sub).is_dir()]
+    if absent:
+        raise WeightsError(f"{folder}: not a diffusers pipeline folder, missing {', '.join(absent)}/")
+    kw = dict(variant=variant, dtype=dtype, param_dtype=param_dtype, remat=remat, attention_impl=attention_impl)
+    unet, vae = load_model(folder / "unet", **kw), load_model(folder / "vae", **kw)
+    for name, model, cls in (("unet", unet, UNet2DCondition), ("vae", vae, AutoencoderKL)):
+        if not isinstance(model, cls):
+            raise WeightsError(f"{folder / name}: holds a {type(model).__name__}, expected {cls.__name__}")
+    try:
+        schedule = DDPMSchedule.from_config(read_scheduler_config(folder / "scheduler"))
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{folder / 'scheduler' / 'scheduler_config.json'}: {e}") from e
+    return SDPipeline(unet, vae, schedule)
+
+
+def save_pipeline(pipeline: SDPipeline, folder: str | os.PathLike, scheduler_config: dict) -> Path:
+    """Write unet/, vae/ and scheduler/ in diffusers' layout."""
+    folder = Path(folder)
+    save_model(pipeline.unet, folder / "unet")
+    save_model(pipeline.vae, folder / "vae")
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / "scheduler" / "scheduler_config.json",
+                  lambda p: Path(p).write_text(json.dumps(scheduler_config, indent=2, sort_keys=True)))
+    return folder
