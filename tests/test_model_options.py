@@ -1,0 +1,93 @@
+"""Options of the ports beyond diffusers parity: remat, compute dtype, attention backend,
+config strictness, the main job."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import ROOT, tiny_config
+from dod_jax.models.config import UnsupportedConfigError
+from dod_jax.models.unet import UNet2DCondition, UNetConfig
+from dod_jax.models.vae import AutoencoderKL, VAEConfig
+
+
+def tiny_unet(**kw):
+    return UNet2DCondition(UNetConfig.from_diffusers(tiny_config().unet.to_dict()), rngs=nnx.Rngs(0), **kw)
+
+
+def inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((2, 8, 8, 4)).astype(np.float32), np.array([999, 10]),
+            rng.standard_normal((2, 5, 64)).astype(np.float32))
+
+
+def loss_and_grads(model, x, t, c):
+    return nnx.jit(nnx.value_and_grad(lambda m: jnp.mean(m(x, t, c).astype(jnp.float32) ** 2)))(model)
+
+
+def test_remat_gives_the_same_values_and_gradients():
+    x, t, c = inputs()
+    plain_loss, plain_grads = loss_and_grads(tiny_unet(), x, t, c)
+    remat_loss, remat_grads = loss_and_grads(tiny_unet(remat=True), x, t, c)
+    np.testing.assert_allclose(float(remat_loss), float(plain_loss), rtol=1e-6)
+    flat_plain = dict(nnx.to_flat_state(plain_grads))
+    for path, g in nnx.to_flat_state(remat_grads):
+        np.testing.assert_allclose(np.asarray(g[...]), np.asarray(flat_plain[path][...]), atol=1e-6, err_msg=str(path))
+
+
+def test_remat_vae_matches():
+    vae_cfg = VAEConfig.from_diffusers(tiny_config().vae.to_dict())
+    image = np.random.default_rng(0).uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
+    plain, remat = (AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0), remat=r) for r in (False, True))
+    f = lambda m: jnp.sum(m.decode(m.encode(image).mode()))
+    np.testing.assert_allclose(float(nnx.jit(nnx.grad(f))(remat).decoder.conv_out.kernel[...].sum()),
+                               float(nnx.jit(nnx.grad(f))(plain).decoder.conv_out.kernel[...].sum()), rtol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    x, t, c = inputs()
+    reference = np.asarray(nnx.jit(lambda m: m(x, t, c))(tiny_unet()))
+    model = tiny_unet(dtype=jnp.bfloat16)
+    assert all(v.dtype == jnp.float32 for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    out = nnx.jit(lambda m: m(x, t, c))(model)
+    assert out.dtype == jnp.bfloat16
+    rel = np.linalg.norm(np.asarray(out, np.float32) - reference) / np.linalg.norm(reference)
+    assert rel < 0.05, rel
+
+
+def test_attention_implementation_is_selectable():
+    x, t, c = inputs()
+    default = np.asarray(nnx.jit(lambda m: m(x, t, c))(tiny_unet()))
+    xla = np.asarray(nnx.jit(lambda m: m(x, t, c))(tiny_unet(attention_impl="xla")))
+    np.testing.assert_allclose(xla, default, atol=1e-6)
+
+
+@pytest.mark.parametrize("key,value", [("class_embed_type", "timestep"), ("addition_embed_type", "text_time"),
+                                       ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"), ("unheard_of", 1)])
+def test_unsupported_unet_configs_are_refused_by_name(key, value):
+    cfg = dict(tiny_config().unet.to_dict(), **{key: value})
+    with pytest.raises(UnsupportedConfigError, match=key):
+        UNetConfig.from_diffusers(cfg)
+
+
+def test_config_to_diffusers_round_trips():
+    for cls, cfg in ((UNetConfig, tiny_config().unet.to_dict()), (VAEConfig, tiny_config().vae.to_dict())):
+        parsed = cls.from_diffusers(cfg)
+        assert cls.from_diffusers(parsed.to_diffusers()) == parsed
+
+
+def test_forward_demo_writes_its_outputs(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dod_jax.forward_demo", f"--workdir={tmp_path}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("input.png", "output.png", "comparison.png", "summary.json", "pipeline/unet/config.json",
+                 "pipeline/vae/diffusion_pytorch_model.safetensors", "pipeline/scheduler/scheduler_config.json"):
+        assert (tmp_path / name).is_file(), name
+    import json
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["output_finite"] and summary["output_shape"] == [1, 128, 128, 3]
