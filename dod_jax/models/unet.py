@@ -25,16 +25,18 @@ CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
+    """Defaults are diffusers' defaults, so a key missing from a config.json means the same
+    here as there; the SD 2.1-base values live in configs/sd21_base.py."""
     in_channels: int = 4
     out_channels: int = 4
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     down_block_types: tuple[str, ...] = (CROSS_ATTN_DOWN,) * 3 + (PLAIN_DOWN,)
     up_block_types: tuple[str, ...] = (PLAIN_UP,) + (CROSS_ATTN_UP,) * 3
     layers_per_block: int = 2
-    num_attention_heads: tuple[int, ...] = (5, 10, 20, 20)
+    num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
     transformer_layers_per_block: tuple[int, ...] = (1, 1, 1, 1)
-    cross_attention_dim: int = 1024
-    use_linear_projection: bool = True
+    cross_attention_dim: int = 1280
+    use_linear_projection: bool = False
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
@@ -88,7 +90,7 @@ class UNetConfig:
             down_block_types=tuple(get("down_block_types")), up_block_types=tuple(get("up_block_types")),
             layers_per_block=layers,
             num_attention_heads=as_tuple(heads, n, "attention_head_dim"),
-            transformer_layers_per_block=as_tuple(get("transformer_layers_per_block") or 1, n,
+            transformer_layers_per_block=as_tuple(config.get("transformer_layers_per_block", 1), n,
                                                   "transformer_layers_per_block"),
             cross_attention_dim=get("cross_attention_dim"), use_linear_projection=get("use_linear_projection"),
             norm_num_groups=get("norm_num_groups"), norm_eps=get("norm_eps"),
