@@ -37,6 +37,7 @@ from dod_jax.schedule import DDPMSchedule
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
 FLAX_NAME = "diffusion_flax_model.msgpack"
+DIFFUSERS_LAYOUT_VERSION = "0.42.1"  # the diffusers release whose folder layout we write and test against
 
 MODEL_CLASSES = {
     "UNet2DConditionModel": (UNetConfig, UNet2DCondition),
@@ -77,7 +78,12 @@ class TensorEntry:
 
     @property
     def torch_shape(self) -> tuple:
-        return tuple(to_torch_layout(self.layout, np.empty(self.shape, np.uint8)).shape)
+        if self.layout == "linear":
+            return self.shape[::-1]
+        if self.layout == "conv":
+            kh, kw, i, o = self.shape
+            return (o, i, kh, kw)
+        return self.shape
 
 
 def to_torch_layout(layout: str, array: np.ndarray) -> np.ndarray:
@@ -150,18 +156,16 @@ def flax_key(entry: TensorEntry) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------------------- reading
 
+@dataclasses.dataclass
 class _TensorSource:
     """Tensors by name from one or more files, with shapes known before reading."""
-
-    def __init__(self, description: str, shapes: dict[str, tuple], read: Callable[[str], np.ndarray]):
-        self.description, self.shapes, self._read = description, shapes, read
-
-    def read(self, name: str) -> np.ndarray:
-        return self._read(name)
+    description: str
+    shapes: dict
+    read: Callable[[object], np.ndarray]
 
 
 def _safetensors_source(files: list[Path], description: str) -> _TensorSource:
-    handles, shapes, owner = [], {}, {}
+    shapes, owner = {}, {}
     for f in files:
         try:
             h = safe_open(str(f), framework="np")
@@ -170,7 +174,6 @@ def _safetensors_source(files: list[Path], description: str) -> _TensorSource:
                 owner[name] = h
         except (SafetensorError, OSError) as e:
             raise WeightsError(f"{f}: not a readable safetensors file ({e})") from e
-        handles.append(h)
 
     def read(name: str) -> np.ndarray:
         try:
@@ -226,17 +229,16 @@ def _weights_files(folder: Path, variant: str | None) -> tuple[str, list[Path]]:
             p.endswith(".bin") for p in present) else ""))
 
 
-def read_config(folder: Path) -> dict:
-    path = Path(folder) / CONFIG_NAME
+def read_json(path: Path, needed_by: str) -> dict:
     if not path.is_file():
-        raise WeightsError(f"{path}: missing (a diffusers model folder needs its {CONFIG_NAME})")
+        raise WeightsError(f"{path}: missing ({needed_by} needs it)")
     try:
-        config = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise WeightsError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
+    if not isinstance(value, dict):
         raise WeightsError(f"{path}: expected a JSON object")
-    return config
+    return value
 
 
 def build_abstract(config_dict: dict, source: str, **model_kwargs) -> nnx.Module:
@@ -284,7 +286,7 @@ def load_model(folder: str | os.PathLike, *, variant: str | None = None, dtype=j
     folder = Path(folder)
     if not folder.is_dir():
         raise WeightsError(f"{folder}: no such model folder")
-    config = read_config(folder)
+    config = read_json(folder / CONFIG_NAME, "a diffusers model folder")
     model = build_abstract(config, str(folder / CONFIG_NAME), dtype=dtype, param_dtype=param_dtype,
                            remat=remat, attention_impl=attention_impl)
     table = param_table(model)
@@ -320,7 +322,7 @@ def save_model(model: nnx.Module, folder: str | os.PathLike) -> Path:
     for entry in param_table(model):
         tensors[entry.name] = np.ascontiguousarray(to_torch_layout(entry.layout, np.asarray(variables[entry.path][...])))
     _atomic_write(folder / SAFETENSORS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    config = dict(model.config.to_diffusers(), _diffusers_version="0.42.1")
+    config = dict(model.config.to_diffusers(), _diffusers_version=DIFFUSERS_LAYOUT_VERSION)
     _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
     return folder
 
@@ -348,16 +350,6 @@ class SDPipeline:
     schedule: DDPMSchedule
 
 
-def read_scheduler_config(folder: Path) -> dict:
-    path = Path(folder) / "scheduler_config.json"
-    if not path.is_file():
-        raise WeightsError(f"{path}: missing (a pipeline's scheduler/ folder needs it)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path}: not valid JSON ({e})") from e
-
-
 def load_pipeline(folder: str | os.PathLike, *, variant: str | None = None, dtype=jnp.float32,
                   param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = None) -> SDPipeline:
     """Load unet/, vae/ and scheduler/ of a diffusers pipeline folder (text encoder not needed:
@@ -372,7 +364,8 @@ def load_pipeline(folder: str | os.PathLike, *, variant: str | None = None, dtyp
         if not isinstance(model, cls):
             raise WeightsError(f"{folder / name}: holds a {type(model).__name__}, expected {cls.__name__}")
     try:
-        schedule = DDPMSchedule.from_config(read_scheduler_config(folder / "scheduler"))
+        schedule = DDPMSchedule.from_config(read_json(folder / "scheduler" / "scheduler_config.json",
+                                                      "a pipeline's scheduler/ folder"))
     except (ValueError, TypeError) as e:
         raise WeightsError(f"{folder / 'scheduler' / 'scheduler_config.json'}: {e}") from e
     return SDPipeline(unet, vae, schedule)
