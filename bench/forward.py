@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dod_jax.configs import load_config  # noqa: E402
+from dod_jax.forward_demo import one_step  # noqa: E402
 from dod_jax.schedule import DDPMSchedule  # noqa: E402
-from dod_jax.weights.diffusers import load_model  # noqa: E402
+from dod_jax.weights.diffusers import SDPipeline, load_model  # noqa: E402
 
 
 def median_seconds(fn, reps: int, warmup: int = 1) -> tuple[float, list[float]]:
@@ -41,22 +42,6 @@ def median_seconds(fn, reps: int, warmup: int = 1) -> tuple[float, list[float]]:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
-
-
-def jax_forward(unet, vae, schedule):
-    graphdef, state = nnx.split((unet, vae))
-    sf = vae.config.scaling_factor
-
-    @jax.jit
-    def forward(state, image, context):
-        unet, vae = nnx.merge(graphdef, state)
-        z = vae.encode(image).mode() * sf
-        t = jnp.full((image.shape[0],), 999)
-        eps = unet(z, t, context)
-        x0 = schedule.eps_to_x0(z, eps.astype(jnp.float32), t)
-        return vae.decode(x0 / sf)
-
-    return forward, state
 
 
 def jax_unet_step(unet):
@@ -106,7 +91,7 @@ def main():
         t_vae.save_pretrained(f"{tmp}/vae")
         unet, vae = load_model(f"{tmp}/unet"), load_model(f"{tmp}/vae")
     schedule = DDPMSchedule.from_config(cfg.scheduler.to_dict())
-    forward, state = jax_forward(unet, vae, schedule)
+    forward, state = one_step(SDPipeline(unet, vae, schedule))
     unet_step_fn, unet_state = jax_unet_step(unet)
     t_forward = torch_forward(t_unet, t_vae, DDPMScheduler.from_config(strip(cfg.scheduler.to_dict())))
 

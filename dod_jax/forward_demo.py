@@ -54,7 +54,8 @@ def param_count(model: nnx.Module) -> int:
 
 
 def one_step(pipeline: SDPipeline):
-    """image (B,H,W,3) in [-1,1], prompt embedding (B,T,D) -> decoded x0 after one UNet step."""
+    """(run, state): jitted run(state, image (B,H,W,3) in [-1,1], prompt embedding (B,T,D))
+    -> decoded x0 after one UNet step, float32."""
     graphdef, state = nnx.split((pipeline.unet, pipeline.vae))
     schedule = pipeline.schedule
     sf = pipeline.vae.config.scaling_factor
@@ -67,7 +68,7 @@ def one_step(pipeline: SDPipeline):
         x0 = schedule.eps_to_x0(z, unet(z, t, context).astype(jnp.float32), t)
         return vae.decode(x0 / sf).astype(jnp.float32)
 
-    return lambda image, context: run(state, image, context)
+    return run, state
 
 
 def main(argv):
@@ -93,12 +94,12 @@ def main(argv):
     print("[3/4] one-step forward: encode -> UNet(t=999) -> x0 -> decode (jitted)", flush=True)
     image = test_image(config.image_size)[None]
     context = jax.random.normal(jax.random.key(seed), (1, config.prompt_length, config.unet.cross_attention_dim))
-    forward = one_step(pipeline)
+    forward, state = one_step(pipeline)
     t0 = time.perf_counter()
-    output = np.asarray(forward(image, context))
+    output = np.asarray(forward(state, image, context))
     timings["first_call_with_compile_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    output = np.asarray(forward(image, context))
+    output = np.asarray(forward(state, image, context))
     timings["forward_s"] = time.perf_counter() - t0
 
     print(f"[4/4] writing images and summary to {workdir}", flush=True)
