@@ -12,6 +12,7 @@ from flax import nnx
 
 from conftest import ROOT, tiny_config
 from dod_jax.models.config import UnsupportedConfigError
+from dod_jax.models.layers import QUERY_CHUNK, dot_product_attention
 from dod_jax.models.unet import UNet2DCondition, UNetConfig
 from dod_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -65,6 +66,27 @@ def test_attention_implementation_is_selectable():
     default = np.asarray(nnx.jit(lambda m: m(x, t, c))(tiny_unet()))
     xla = np.asarray(nnx.jit(lambda m: m(x, t, c))(tiny_unet(attention_impl="xla")))
     np.testing.assert_allclose(xla, default, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("tokens", [QUERY_CHUNK + 1, 3 * QUERY_CHUNK])
+def test_chunked_attention_equals_whole_attention(tokens, dtype, tol):
+    # Self-attention over more queries than one chunk (a ragged last chunk and whole chunks),
+    # and cross-attention to a short context, against jax's unchunked attention.
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(3 * rng.standard_normal((2, n, 3, 16)), dtype) for n in (tokens, tokens, tokens))
+    short_k, short_v = (jnp.asarray(rng.standard_normal((2, 7, 3, 16)), dtype) for _ in range(2))
+    for keys, values in ((k, v), (short_k, short_v)):
+        chunked = jax.jit(lambda *a: dot_product_attention(*a, "chunked"))(q, keys, values)
+        whole = jax.nn.dot_product_attention(q, keys, values)
+        assert chunked.shape == whole.shape and chunked.dtype == dtype
+        np.testing.assert_allclose(np.asarray(chunked, np.float32), np.asarray(whole, np.float32), atol=tol)
+
+
+def test_unknown_attention_implementation_is_refused():
+    q = jnp.zeros((1, 4, 1, 8))
+    with pytest.raises(ValueError, match="flash"):
+        dot_product_attention(q, q, q, "flash")
 
 
 @pytest.mark.parametrize("key,value", [("class_embed_type", "timestep"), ("addition_embed_type", "text_time"),

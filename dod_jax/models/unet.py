@@ -309,11 +309,11 @@ class UNet2DCondition(nnx.Module):
 
     dtype: compute dtype of activations (e.g. jnp.bfloat16); param_dtype: storage dtype.
     remat: rematerialise each down/mid/up block in the backward pass.
-    attention_impl: passed to jax.nn.dot_product_attention (None, "xla", "cudnn").
+    attention_impl: see layers.dot_product_attention ("auto", "chunked", None, "xla", "cudnn").
     """
 
     def __init__(self, config: UNetConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-                 attention_impl: str | None = None, rngs: nnx.Rngs):
+                 attention_impl: str | None = "auto", rngs: nnx.Rngs):
         cfg = config
         self.config, self.dtype, self.remat = cfg, dtype, remat
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -193,7 +193,7 @@ class AutoencoderKL(nnx.Module):
     """dtype: compute dtype; param_dtype: storage dtype; remat: per encoder/decoder block."""
 
     def __init__(self, config: VAEConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-                 attention_impl: str | None = None, rngs: nnx.Rngs):
+                 attention_impl: str | None = "auto", rngs: nnx.Rngs):
         kw = dict(remat=remat, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config, self.dtype = config, dtype
         lc = config.latent_channels

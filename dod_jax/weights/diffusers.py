@@ -8,6 +8,7 @@ already the diffusers module path (see models/layers.py), so each parameter yiel
 `TensorEntry` naming its diffusers tensor and its layout:
   linear  our (in, out)            <-> torch (out, in)
   conv    our (kh, kw, in, out)    <-> torch (out, in, kh, kw)
+  conv1d  our (k, in, out)         <-> torch (out, in, k)
   vector  norms' scale -> `weight`, biases, unchanged
 A file that does not fit the model raises WeightsMismatchError listing the missing,
 unexpected and mis-shaped tensors; no parameter is ever left at its initial value.
@@ -23,13 +24,13 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, serialization
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from dod_jax.models.layers import ADAPTERS, FixedKeyRngs
 from dod_jax.models.unet import UNet2DCondition, UNetConfig
 from dod_jax.models.vae import AutoencoderKL, VAEConfig
 from dod_jax.schedule import DDPMSchedule
@@ -73,7 +74,7 @@ def _listing(items: list[str], limit: int = 20) -> str:
 class TensorEntry:
     path: tuple           # NNX state path, e.g. ('down_blocks', 0, 'resnets', 1, 'conv1', 'kernel')
     name: str             # diffusers tensor name, e.g. 'down_blocks.0.resnets.1.conv1.weight'
-    layout: str           # 'linear' | 'conv' | 'vector'
+    layout: str           # 'linear' | 'conv' | 'conv1d' | 'vector'
     shape: tuple          # shape in our layout
 
     @property
@@ -83,6 +84,8 @@ class TensorEntry:
         if self.layout == "conv":
             kh, kw, i, o = self.shape
             return (o, i, kh, kw)
+        if self.layout == "conv1d":
+            return self.shape[::-1]
         return self.shape
 
 
@@ -91,6 +94,8 @@ def to_torch_layout(layout: str, array: np.ndarray) -> np.ndarray:
         return array.T
     if layout == "conv":
         return array.transpose(3, 2, 0, 1)
+    if layout == "conv1d":
+        return array.transpose(2, 1, 0)
     return array
 
 
@@ -99,17 +104,22 @@ def from_torch_layout(layout: str, tensor: np.ndarray) -> np.ndarray:
         return tensor.T
     if layout == "conv":
         return tensor.transpose(2, 3, 1, 0)
+    if layout == "conv1d":
+        return tensor.transpose(2, 1, 0)
     return tensor
 
 
+BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.PathContains(ADAPTERS)))
+
+
 def param_table(model: nnx.Module) -> list[TensorEntry]:
-    """The explicit name/layout table of a model's parameters."""
+    """The explicit name/layout table of a model's base parameters (adapters excluded)."""
     table = []
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for path, var in nnx.to_flat_state(nnx.state(model, BASE_PARAMS)):
         leaf = path[-1]
         shape = tuple(var.shape)
         if leaf == "kernel":
-            layout, torch_leaf = ("conv" if len(shape) == 4 else "linear"), "weight"
+            layout, torch_leaf = {2: "linear", 3: "conv1d", 4: "conv"}[len(shape)], "weight"
         elif leaf == "scale":
             layout, torch_leaf = "vector", "weight"
         elif leaf == "bias":
@@ -157,14 +167,14 @@ def flax_key(entry: TensorEntry) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------- reading
 
 @dataclasses.dataclass
-class _TensorSource:
+class TensorSource:
     """Tensors by name from one or more files, with shapes known before reading."""
     description: str
     shapes: dict
     read: Callable[[object], np.ndarray]
 
 
-def _safetensors_source(files: list[Path], description: str) -> _TensorSource:
+def safetensors_source(files: list[Path], description: str) -> TensorSource:
     shapes, owner = {}, {}
     for f in files:
         try:
@@ -181,10 +191,10 @@ def _safetensors_source(files: list[Path], description: str) -> _TensorSource:
         except (SafetensorError, OSError) as e:
             raise WeightsError(f"{description}: tensor {name} cannot be read ({e})") from e
 
-    return _TensorSource(description, shapes, read)
+    return TensorSource(description, shapes, read)
 
 
-def _msgpack_source(file: Path) -> _TensorSource:
+def _msgpack_source(file: Path) -> TensorSource:
     try:
         tree = serialization.msgpack_restore(file.read_bytes())
     except Exception as e:  # msgpack raises several unrelated types for a damaged file
@@ -199,7 +209,7 @@ def _msgpack_source(file: Path) -> _TensorSource:
             flat[prefix] = np.asarray(node)
 
     walk((), tree)
-    return _TensorSource(str(file), {k: v.shape for k, v in flat.items()}, flat.__getitem__)
+    return TensorSource(str(file), {k: v.shape for k, v in flat.items()}, flat.__getitem__)
 
 
 def _weights_files(folder: Path, variant: str | None) -> tuple[str, list[Path]]:
@@ -251,18 +261,10 @@ def build_abstract(config_dict: dict, source: str, **model_kwargs) -> nnx.Module
         config = config_cls.from_diffusers(config_dict)
     except (ValueError, TypeError) as e:
         raise WeightsError(f"{source}: {e}") from e
-    return nnx.eval_shape(lambda: model_cls(config, rngs=_ShapeOnlyRngs(), **model_kwargs))
+    return nnx.eval_shape(lambda: model_cls(config, rngs=FixedKeyRngs(), **model_kwargs))
 
 
-class _ShapeOnlyRngs:
-    """Stands in for nnx.Rngs when only shapes are built: the key's value cannot matter, and
-    nnx.Rngs' bookkeeping under tracing grows with the trace (seconds for the SD UNet)."""
-
-    def params(self):
-        return jax.random.key(0)
-
-
-def _fill(model: nnx.Module, table: list[TensorEntry], names: list[str], source: _TensorSource,
+def fill_parameters(model: nnx.Module, table: list[TensorEntry], names: list[str], source: TensorSource,
           convert: Callable[[TensorEntry, np.ndarray], np.ndarray], file_shape: Callable[[TensorEntry], tuple]):
     """Check every entry against the source, then set every parameter of `model`."""
     wanted = set(names)
@@ -273,14 +275,14 @@ def _fill(model: nnx.Module, table: list[TensorEntry], names: list[str], source:
                  if n in source.shapes and tuple(source.shapes[n]) != file_shape(e)]
     if missing or unexpected or misshaped:
         raise WeightsMismatchError(source.description, missing, unexpected, misshaped)
-    variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    variables = dict(nnx.to_flat_state(nnx.state(model, BASE_PARAMS)))
     for entry, name in zip(table, names):
         var = variables[entry.path]
         var.set_value(jnp.asarray(convert(entry, source.read(name)), dtype=var.dtype))
 
 
 def load_model(folder: str | os.PathLike, *, variant: str | None = None, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = None) -> nnx.Module:
+               param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = "auto") -> nnx.Module:
     """Load a diffusers model folder (config.json + weights) into UNet2DCondition or
     AutoencoderKL, chosen by the config's `_class_name`."""
     folder = Path(folder)
@@ -293,13 +295,13 @@ def load_model(folder: str | os.PathLike, *, variant: str | None = None, dtype=j
     kind, files = _weights_files(folder, variant)
     description = ", ".join(str(f) for f in files)
     if kind == "safetensors":
-        source = _safetensors_source(files, description)
+        source = safetensors_source(files, description)
         names = [_resolve_name(e.name, source.shapes) for e in table]
-        _fill(model, table, names, source, lambda e, t: from_torch_layout(e.layout, t), lambda e: e.torch_shape)
+        fill_parameters(model, table, names, source, lambda e, t: from_torch_layout(e.layout, t), lambda e: e.torch_shape)
     else:
         source = _msgpack_source(files[0])
         names = [flax_key(e) for e in table]
-        _fill(model, table, names, source, lambda e, t: t, lambda e: e.shape)
+        fill_parameters(model, table, names, source, lambda e, t: t, lambda e: e.shape)
     return model
 
 
@@ -318,16 +320,16 @@ def save_model(model: nnx.Module, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    variables = dict(nnx.to_flat_state(nnx.state(model, BASE_PARAMS)))
     for entry in param_table(model):
         tensors[entry.name] = np.ascontiguousarray(to_torch_layout(entry.layout, np.asarray(variables[entry.path][...])))
-    _atomic_write(folder / SAFETENSORS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(folder / SAFETENSORS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     config = dict(model.config.to_diffusers(), _diffusers_version=DIFFUSERS_LAYOUT_VERSION)
-    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
     return folder
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]):
+def atomic_write(path: Path, write: Callable[[str], None]):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
@@ -351,7 +353,7 @@ class SDPipeline:
 
 
 def load_pipeline(folder: str | os.PathLike, *, variant: str | None = None, dtype=jnp.float32,
-                  param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = None) -> SDPipeline:
+                  param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = "auto") -> SDPipeline:
     """Load unet/, vae/ and scheduler/ of a diffusers pipeline folder (text encoder not needed:
     DOD uses precomputed prompt embeddings)."""
     folder = Path(folder)
@@ -377,6 +379,6 @@ def save_pipeline(pipeline: SDPipeline, folder: str | os.PathLike, scheduler_con
     save_model(pipeline.unet, folder / "unet")
     save_model(pipeline.vae, folder / "vae")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / "scheduler" / "scheduler_config.json",
+    atomic_write(folder / "scheduler" / "scheduler_config.json",
                   lambda p: Path(p).write_text(json.dumps(scheduler_config, indent=2, sort_keys=True)))
     return folder
