@@ -1,0 +1,179 @@
+"""LoRA and conditional LoRA (CLoRA) for the Linear and Conv2d layers of any dod_jax model.
+
+    plain        h = W0 x + s * B(A x)
+    conditional  h = W0 x + s * B(gamma * (A x) + beta)      gamma, beta in R^r per image
+
+with s = alpha / r, A Gaussian (std 1/r, PEFT's "gaussian") and B zero at initialisation. For a conv layer A is a
+conv with the layer's own kernel size, stride and padding producing r channels, and B a 1x1
+conv. gamma = 1 + dgamma by default (identity FiLM at init, so CLoRA starts as plain LoRA);
+`literal_gamma=True` uses the conditioning output as gamma itself, as the paper writes it.
+
+Adapters hang on their layer under `layer.adapters[set_name]`, so the frozen base weights
+exist once and keep their diffusers names, while several named sets (DOD's generator CLoRA,
+the DMD fake score's LoRA) live side by side. A set is active only inside `select(name, ...)`;
+outside any selection the model is the plain base model. The selection is read when a
+function is traced, so select inside the jitted function.
+
+Targets are data: a layer is adapted when its dotted path equals a target or ends with
+"." + target (PEFT's rule), e.g. "to_out.0", "ff.net.0.proj", "conv".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dod_jax.models.layers import ADAPTERS, Conv2d, Linear, normal_init
+
+
+@dataclasses.dataclass(frozen=True)
+class _Selection:
+    name: str | None = None
+    film: jax.Array | None = None  # (num_film_keys, B, 2r): per key and image, [gamma-part, beta]
+
+
+_SELECTED: contextvars.ContextVar[_Selection] = contextvars.ContextVar("dod_jax_adapter_selection",
+                                                                      default=_Selection())
+
+
+@contextlib.contextmanager
+def select(name: str | None, film: jax.Array | None = None):
+    """Run the model with adapter set `name` active (None: base model only). Conditional sets
+    need `film`, M_theta's output of shape (num_film_keys, B, 2r)."""
+    token = _SELECTED.set(_Selection(name, film))
+    try:
+        yield
+    finally:
+        _SELECTED.reset(token)
+
+
+def split_film(film_row, literal_gamma: bool):
+    """(B, 2r) -> gamma, beta, each (B, r)."""
+    g, beta = jnp.split(film_row, 2, axis=-1)
+    return (g if literal_gamma else 1.0 + g), beta
+
+
+class LoRA(nnx.Module):
+    """The low-rank branch of one layer; `film_key` set makes it conditional (CLoRA)."""
+
+    def __init__(self, layer: Linear | Conv2d, set_name: str, rank: int, alpha: float, *,
+                 film_key: int | None, literal_gamma: bool, rngs):
+        kw = dict(use_bias=False, dtype=layer.dtype, param_dtype=layer.kernel.dtype, rngs=rngs)
+        if isinstance(layer, Linear):
+            self.lora_A = Linear(layer.in_features, rank, **kw)
+            self.lora_B = Linear(rank, layer.out_features, **kw)
+        else:
+            k = layer.kernel.shape[0]
+            self.lora_A = Conv2d(layer.in_channels, rank, k, stride=layer.stride, padding=layer.padding, **kw)
+            self.lora_B = Conv2d(rank, layer.out_channels, 1, **kw)
+        a = self.lora_A.kernel
+        a.set_value(normal_init(rngs, a.shape, 1.0 / rank, a.dtype))
+        self.lora_B.kernel.set_value(jnp.zeros_like(self.lora_B.kernel[...]))
+        self.set_name, self.rank, self.scale = set_name, rank, alpha / rank
+        self.film_key, self.literal_gamma = film_key, literal_gamma
+
+    def __call__(self, x):
+        selection = _SELECTED.get()
+        if selection.name != self.set_name:
+            return None
+        h = self.lora_A(x)
+        if self.film_key is not None:
+            if selection.film is None:
+                raise ValueError(f"adapter set {self.set_name!r} is conditional: select it with its film")
+            gamma, beta = split_film(selection.film[self.film_key], self.literal_gamma)
+            per_image = (h.shape[0],) + (1,) * (h.ndim - 2) + (self.rank,)
+            h = h * gamma.reshape(per_image).astype(h.dtype) + beta.reshape(per_image).astype(h.dtype)
+        return self.lora_B(h) * self.scale
+
+    def folded(self, film=None):
+        """(kernel delta in the layer's layout, bias delta or None) for folding into W0. A
+        conditional branch folds for one image: `film` of shape (num_film_keys, 1, 2r)."""
+        a, b = self.lora_A.kernel[...], self.lora_B.kernel[...]
+        b = b.reshape(self.rank, -1)  # a 1x1 conv kernel (1, 1, r, out) is a (r, out) matrix
+        if self.film_key is None:
+            return jnp.einsum("...r,ro->...o", a, b) * self.scale, None
+        if film is None or film.shape[1] != 1:
+            raise ValueError(f"adapter set {self.set_name!r} is conditional: it folds for one image at a time "
+                             f"(film of shape (keys, 1, 2r)), got {None if film is None else film.shape}")
+        gamma, beta = split_film(film[self.film_key, 0], self.literal_gamma)
+        return jnp.einsum("...r,r,ro->...o", a, gamma, b) * self.scale, (beta @ b) * self.scale
+
+
+def matches(path: str, targets: Sequence[str]) -> bool:
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def layers(model: nnx.Module, scope: str = "") -> Iterator[tuple[str, Linear | Conv2d]]:
+    """(dotted path, layer) of every base Linear and Conv2d under `scope` (a path prefix)."""
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, (Linear, Conv2d)) and ADAPTERS not in path:
+            dotted = ".".join(str(p) for p in path)
+            if dotted.startswith(scope):
+                yield dotted, node
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter set. `film_key(path)` gives a conditional layer's row of M_theta's output;
+    None makes the whole set plain LoRA."""
+    name: str
+    targets: tuple[str, ...]
+    rank: int = 8
+    alpha: float | None = None  # None: alpha = rank (scale 1, as the authors' code)
+    scope: str = ""
+    film_key: Callable[[str], int] | None = None
+    literal_gamma: bool = False
+
+
+def inject(model: nnx.Module, spec: AdapterSpec, rngs) -> list[str]:
+    """Hang a `spec.name` adapter on every target layer of `model`; returns their paths.
+    A target that matches no layer is an error, so a misspelt target list never trains nothing."""
+    found = [(p, layer) for p, layer in layers(model, spec.scope) if matches(p[len(spec.scope):], spec.targets)]
+    unmatched = [t for t in spec.targets if not any(matches(p[len(spec.scope):], [t]) for p, _ in found)]
+    if unmatched:
+        raise ValueError(f"adapter set {spec.name!r}: targets {unmatched} match no Linear or Conv2d under "
+                         f"{spec.scope or 'the model root'!r} of {type(model).__name__}")
+    alpha = spec.rank if spec.alpha is None else spec.alpha
+    for path, layer in found:
+        if not hasattr(layer, ADAPTERS):
+            layer.adapters = nnx.Dict()
+        if spec.name in layer.adapters:
+            raise ValueError(f"{path} already carries an adapter set named {spec.name!r}")
+        layer.adapters[spec.name] = LoRA(
+            layer, spec.name, spec.rank, alpha, literal_gamma=spec.literal_gamma, rngs=rngs,
+            film_key=None if spec.film_key is None else spec.film_key(path))
+    return [p for p, _ in found]
+
+
+def adapted(model: nnx.Module, name: str) -> Iterator[tuple[str, Linear | Conv2d, LoRA]]:
+    for path, layer in layers(model):
+        if name in getattr(layer, ADAPTERS, {}):
+            yield path, layer, layer.adapters[name]
+
+
+def merge(model: nnx.Module, name: str, film: jax.Array | None = None) -> int:
+    """Fold adapter set `name` into the base weights and remove it; returns the number of
+    layers folded. Conditional sets fold for one image (`film` of shape (keys, 1, 2r)):
+    W0 + A diag(gamma) B and bias + beta B. Works on a model merged inside a jitted function."""
+    count = 0
+    for _, layer, lora in list(adapted(model, name)):
+        kernel_delta, bias_delta = lora.folded(film)
+        layer.kernel.set_value(layer.kernel[...] + kernel_delta.astype(layer.kernel.dtype))
+        if bias_delta is not None:
+            if layer.bias is None:
+                layer.bias = nnx.data(nnx.Param(jnp.zeros(bias_delta.shape, layer.kernel.dtype)))
+            layer.bias.set_value(layer.bias[...] + bias_delta.astype(layer.bias.dtype))
+        del layer.adapters[name]
+        count += 1
+    return count
+
+
+def adapter_filter(name: str):
+    """An NNX filter for the parameters of adapter set `name`."""
+    return nnx.All(nnx.Param, nnx.PathContains(ADAPTERS), nnx.PathContains(name))

@@ -1,0 +1,163 @@
+"""LoRA / CLoRA against an independent NumPy statement of their formulas, injection by target
+names, several sets on one base, per-image merging."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dod_jax import adapters
+from dod_jax.models.layers import Conv2d, Linear, NumpyRngs
+
+
+class TwoLayers(nnx.Module):
+    def __init__(self, rngs):
+        self.proj = Linear(6, 5, use_bias=False, rngs=rngs)
+        self.block = nnx.List([Conv2d(5, 7, 3, stride=2, rngs=rngs)])
+
+
+def randomise_b(model, name, seed):
+    # B starts at zero; give it values so the branch shows in the outputs.
+    rng = np.random.default_rng(seed)
+    for _, _, lora in adapters.adapted(model, name):
+        b = lora.lora_B.kernel
+        b.set_value(jnp.asarray(rng.standard_normal(b.shape), jnp.float32))
+
+
+def numpy_conv(x, kernel, stride, pad):
+    b, h, w, _ = x.shape
+    kh = kernel.shape[0]
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    oh, ow = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kh) // stride + 1
+    out = np.zeros((b, oh, ow, kernel.shape[-1]))
+    for i in range(oh):
+        for j in range(ow):
+            patch = xp[:, i * stride:i * stride + kh, j * stride:j * stride + kh]
+            out[:, i, j] = np.einsum("bhwi,hwio->bo", patch, kernel)
+    return out
+
+
+def test_conditional_lora_follows_its_formula():
+    rngs = NumpyRngs(0)
+    model = TwoLayers(rngs)
+    spec = adapters.AdapterSpec("gen", ("proj", "block.0"), rank=3, alpha=6.0, film_key=lambda p: 0 if p == "proj" else 1)
+    assert sorted(adapters.inject(model, spec, rngs)) == ["block.0", "proj"]
+    randomise_b(model, "gen", 1)
+    rng = np.random.default_rng(2)
+    x_lin, x_conv = rng.standard_normal((2, 4, 6)), rng.standard_normal((2, 9, 9, 5))
+    film = rng.standard_normal((2, 2, 6))  # (keys, images, 2r)
+
+    with adapters.select("gen", jnp.asarray(film, jnp.float32)):
+        got_lin = np.asarray(model.proj(jnp.asarray(x_lin, jnp.float32)))
+        got_conv = np.asarray(model.block[0](jnp.asarray(x_conv, jnp.float32)))
+
+    p = {k: np.asarray(v[...], np.float64) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    gamma, beta = 1 + film[..., :3], film[..., 3:]
+    lin = x_lin @ p[("proj", "kernel")]
+    a = x_lin @ p[("proj", "adapters", "gen", "lora_A", "kernel")]
+    lin += 2.0 * ((a * gamma[0][:, None] + beta[0][:, None]) @ p[("proj", "adapters", "gen", "lora_B", "kernel")])
+    np.testing.assert_allclose(got_lin, lin, atol=1e-5)
+
+    base = ("block", 0)
+    conv = numpy_conv(x_conv, p[base + ("kernel",)], 2, 1) + p[base + ("bias",)]
+    a = numpy_conv(x_conv, p[base + ("adapters", "gen", "lora_A", "kernel")], 2, 1)
+    a = a * gamma[1][:, None, None] + beta[1][:, None, None]
+    conv += 2.0 * numpy_conv(a, p[base + ("adapters", "gen", "lora_B", "kernel")], 1, 0)
+    np.testing.assert_allclose(got_conv, conv, atol=1e-5)
+
+
+def test_unselected_sets_leave_the_base_model_and_sets_are_independent():
+    rngs = NumpyRngs(0)
+    model = TwoLayers(rngs)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 8, 8, 5)), jnp.float32)
+    base = np.asarray(model.block[0](x))
+    adapters.inject(model, adapters.AdapterSpec("gen", ("0",), rank=2), rngs)
+    adapters.inject(model, adapters.AdapterSpec("fake", ("block.0",), rank=4), rngs)
+    randomise_b(model, "gen", 1)
+    randomise_b(model, "fake", 2)
+    np.testing.assert_array_equal(np.asarray(model.block[0](x)), base)
+    with adapters.select("gen"):
+        gen = np.asarray(model.block[0](x))
+    with adapters.select("fake"):
+        fake = np.asarray(model.block[0](x))
+    assert np.abs(gen - base).max() > 1e-3 and np.abs(fake - base).max() > 1e-3 and np.abs(gen - fake).max() > 1e-3
+    # One copy of the base kernel; each set has its own rank.
+    kernels = [p for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)) if p[-1] == "kernel"]
+    assert ("block", 0, "kernel") in kernels
+    assert model.block[0].adapters["gen"].rank == 2 and model.block[0].adapters["fake"].rank == 4
+
+
+def test_targets_that_match_nothing_are_an_error():
+    model = TwoLayers(NumpyRngs(0))
+    with pytest.raises(ValueError, match=r"\['to_qq'\] match no Linear or Conv2d"):
+        adapters.inject(model, adapters.AdapterSpec("gen", ("proj", "to_qq")), NumpyRngs(1))
+    adapters.inject(model, adapters.AdapterSpec("gen", ("proj",)), NumpyRngs(1))
+    with pytest.raises(ValueError, match="already carries"):
+        adapters.inject(model, adapters.AdapterSpec("gen", ("proj",)), NumpyRngs(1))
+
+
+def test_conditional_set_needs_its_film():
+    model = TwoLayers(NumpyRngs(0))
+    adapters.inject(model, adapters.AdapterSpec("gen", ("proj",), film_key=lambda p: 0), NumpyRngs(1))
+    with adapters.select("gen"), pytest.raises(ValueError, match="conditional"):
+        model.proj(jnp.ones((1, 6)))
+
+
+@pytest.mark.parametrize("literal_gamma", [False, True])
+def test_merged_conditional_lora_equals_unmerged_for_one_image(literal_gamma):
+    rngs = NumpyRngs(0)
+    model = TwoLayers(rngs)
+    adapters.inject(model, adapters.AdapterSpec("gen", ("proj", "block.0"), rank=3, film_key=lambda p: 0,
+                                                literal_gamma=literal_gamma), rngs)
+    randomise_b(model, "gen", 1)
+    rng = np.random.default_rng(3)
+    film = jnp.asarray(rng.standard_normal((1, 1, 6)), jnp.float32)
+    x_lin = jnp.asarray(rng.standard_normal((1, 4, 6)), jnp.float32)
+    x_conv = jnp.asarray(rng.standard_normal((1, 9, 9, 5)), jnp.float32)
+    with adapters.select("gen", film):
+        want = np.asarray(model.proj(x_lin)), np.asarray(model.block[0](x_conv))
+    assert adapters.merge(model, "gen", film) == 2
+    assert list(adapters.adapted(model, "gen")) == []
+    with adapters.select("gen", film):  # nothing left to select
+        got = np.asarray(model.proj(x_lin)), np.asarray(model.block[0](x_conv))
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)  # proj had no bias: merging added one for beta
+    np.testing.assert_allclose(got[1], want[1], atol=1e-5)
+
+
+def test_plain_lora_merges_and_conditional_merge_refuses_a_batch():
+    rngs = NumpyRngs(0)
+    model = TwoLayers(rngs)
+    adapters.inject(model, adapters.AdapterSpec("fake", ("block.0",)), rngs)
+    randomise_b(model, "fake", 1)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 8, 8, 5)), jnp.float32)
+    with adapters.select("fake"):
+        want = np.asarray(model.block[0](x))
+    adapters.merge(model, "fake")
+    np.testing.assert_allclose(np.asarray(model.block[0](x)), want, atol=1e-5)
+
+    adapters.inject(model, adapters.AdapterSpec("gen", ("proj",), film_key=lambda p: 0), rngs)
+    with pytest.raises(ValueError, match="one image at a time"):
+        adapters.merge(model, "gen", jnp.zeros((1, 2, 16)))
+
+
+def test_selection_inside_jit_and_gradients_reach_only_the_selected_set():
+    rngs = NumpyRngs(0)
+    model = TwoLayers(rngs)
+    adapters.inject(model, adapters.AdapterSpec("gen", ("proj",), film_key=lambda p: 0), rngs)
+    adapters.inject(model, adapters.AdapterSpec("fake", ("proj",)), rngs)
+    randomise_b(model, "gen", 1)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jnp.ones((2, 4, 6))
+    film = jnp.asarray(np.random.default_rng(0).standard_normal((1, 2, 16)), jnp.float32)
+
+    @jax.jit
+    def loss(params):
+        m = nnx.merge(graphdef, params, rest)
+        with adapters.select("gen", film):
+            return jnp.sum(m.proj(x) ** 2)
+
+    grads = dict(nnx.to_flat_state(jax.grad(loss)(params)))
+    for path, g in grads.items():
+        nonzero = bool(jnp.any(g[...] != 0))
+        assert nonzero == ("gen" in path or path == ("proj", "kernel")), path
