@@ -1,13 +1,14 @@
-"""A tiny model of the SD 2.x family (same block types, linear projections, GEGLU, VAE
-with mid attention), small enough to build, save, load and run in seconds on a CPU."""
+"""A tiny DOD: a model of the SD 2.x family (same block types, linear projections, GEGLU, VAE
+with mid attention), a small ADM and the DOD defaults with a small MFM input, small enough to
+build, save, load and run in seconds on a CPU."""
 
 from ml_collections import ConfigDict
 
-from configs import sd21_base
+from configs import dod
 
 
 def get_config() -> ConfigDict:
-    config = sd21_base.get_config()
+    config = dod.get_config()
     config.unet.update({
         "attention_head_dim": [2, 4, 4],
         "block_out_channels": [32, 64, 64],
@@ -21,6 +22,8 @@ def get_config() -> ConfigDict:
         "layers_per_block": 1,
         "sample_size": 128,
     })
+    config.adm.update({"image_size": 64, "model_channels": 32, "channel_mult": (1, 2, 2),
+                       "attention_resolutions": (16,), "num_head_channels": 16})
+    config.dod.mfm_size = 64
     config.image_size = 128
-    config.prompt_length = 77
     return config

@@ -1,0 +1,82 @@
+"""Any image in, the same kind of image out, around a model that takes (B, H, W, 3) in [-1, 1]
+with H and W multiples of 8.
+
+Rules:
+- Values: uint8 and uint16 are read as full-scale integers, floats as [0, 1] (clipped). The
+  result has the input's dtype.
+- Channels: (H, W) and (H, W, 1) grey images are restored as RGB with equal channels and come
+  back grey (mean of the restored channels); (H, W, 4) keeps its alpha channel untouched and
+  restores RGB; (H, W, 3) is RGB. Other channel counts are refused.
+- Size: a short side below `min_side` is first lifted to `min_side` (bicubic, aspect kept), as
+  the authors' code does; then the image is reflect-padded to multiples of 8, restored,
+  cropped, and resized back to its own size.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MULTIPLE = 8
+
+
+def to_unit_rgb(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(H, W, 3) float32 in [0, 1], and the alpha channel (or None)."""
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        unit = image.astype(np.float32) / 255.0
+    elif image.dtype == np.uint16:
+        unit = image.astype(np.float32) / 65535.0
+    elif np.issubdtype(image.dtype, np.floating):
+        unit = np.clip(image.astype(np.float32), 0.0, 1.0)
+    else:
+        raise ValueError(f"images must be uint8, uint16 or float in [0, 1], got {image.dtype}")
+    if unit.ndim == 2:
+        unit = unit[..., None]
+    if unit.ndim != 3 or unit.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"images must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {image.shape}")
+    alpha = unit[..., 3] if unit.shape[-1] == 4 else None
+    rgb = np.repeat(unit, 3, axis=-1) if unit.shape[-1] == 1 else unit[..., :3]
+    return rgb, alpha
+
+
+def from_unit_rgb(rgb: np.ndarray, alpha: np.ndarray | None, like: np.ndarray) -> np.ndarray:
+    """Back to the layout and dtype of `like`."""
+    rgb = np.clip(rgb, 0.0, 1.0)
+    if like.ndim == 2 or like.shape[-1] == 1:
+        out = rgb.mean(axis=-1)
+        out = out if like.ndim == 2 else out[..., None]
+    else:
+        out = rgb if alpha is None else np.concatenate([rgb, alpha[..., None]], axis=-1)
+    if like.dtype == np.uint8:
+        return np.round(out * 255.0).astype(np.uint8)
+    if like.dtype == np.uint16:
+        return np.round(out * 65535.0).astype(np.uint16)
+    return out.astype(like.dtype)
+
+
+def resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if rgb.shape[:2] == tuple(size):
+        return rgb
+    return np.asarray(jax.image.resize(jnp.asarray(rgb), tuple(size) + rgb.shape[2:], "cubic", antialias=True))
+
+
+def restore_image(restore: Callable[[np.ndarray], np.ndarray], image: np.ndarray, *, min_side: int = 256) -> np.ndarray:
+    """Run `restore` ((1, H, W, 3) in [-1, 1] -> same) on an image of any size and layout."""
+    rgb, alpha = to_unit_rgb(image)
+    h, w = rgb.shape[:2]
+    short = min(h, w)
+    if short < max(min_side, MULTIPLE):
+        if min_side < MULTIPLE:
+            raise ValueError(f"image of {h}x{w} is smaller than {MULTIPLE} pixels on a side; set min_side to lift it")
+        scale = min_side / short
+        rgb = np.clip(resize(rgb, (max(min_side, round(h * scale)), max(min_side, round(w * scale)))), 0.0, 1.0)
+    lh, lw = rgb.shape[:2]
+    pad_h, pad_w = -lh % MULTIPLE, -lw % MULTIPLE
+    padded = np.pad(rgb, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
+    restored = np.asarray(restore(padded[None] * 2.0 - 1.0), np.float32)[0]
+    restored = (restored[:lh, :lw] + 1.0) / 2.0
+    return from_unit_rgb(resize(restored, (h, w)), alpha, np.asarray(image))
