@@ -26,6 +26,7 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(PY) bench/forward.py
+	$(PY) bench/input_pipeline.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

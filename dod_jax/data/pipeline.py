@@ -1,0 +1,121 @@
+"""The training input pipeline: batches with a fixed number of samples per task (the stage's
+task ratio), random crops and flips, images in [-1, 1], task labels kept.
+
+Every batch is a pure function of (seed, step, process): which images it holds, their crops,
+flips and denoising noise all follow from them. So the pipeline is deterministic for a seed,
+its position is one integer (the grain iterator's state), and a restored iterator continues
+with exactly the batches the interrupted run would have seen. Each process of a multi-host run
+reads a disjoint shard of every task's pairs (pairs[process_index::process_count]).
+
+grain runs the batch function on reader threads and prefetches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import grain
+import numpy as np
+from PIL import Image
+
+from dod_jax.data import degradations as deg
+from dod_jax.data.layouts import DENOISE_SIGMAS, DataError, Pair, read_rgb
+
+STAGE1_RATIO = {"dehaze": 3, "derain": 2, "denoise": 2}
+STAGE2_RATIO = {"dehaze": 1, "derain": 1, "denoise": 1}
+
+
+def crop_flip(images: list[np.ndarray], size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The same random size x size crop and flips of equally shaped float images; images with a
+    side below `size` are first resized up (bicubic) so that side is `size`."""
+    h, w = images[0].shape[:2]
+    if min(h, w) < size:
+        scale = size / min(h, w)
+        new = (max(size, round(w * scale)), max(size, round(h * scale)))
+        images = [resize_float(i, new) for i in images]
+        h, w = images[0].shape[:2]
+    top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    out = [i[top:top + size, left:left + size] for i in images]
+    if rng.uniform() < 0.5:
+        out = [i[:, ::-1] for i in out]
+    if rng.uniform() < 0.5:
+        out = [i[::-1] for i in out]
+    return out
+
+
+def resize_float(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic resize of an (H, W, C) float image in [0, 1] to size (W, H), clipped."""
+    channels = [np.asarray(Image.fromarray(image[..., c]).resize(size, Image.Resampling.BICUBIC))
+                for c in range(image.shape[-1])]
+    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
+
+
+@dataclasses.dataclass
+class TrainBatches:
+    """batch(step) -> {"lq", "gt": (n, crop, crop, 3) float32 in [-1, 1], "task": (n,) int32}, with
+    n = sum(ratio.values()) * units, tasks in `ratio`'s order (task ids index `tasks`)."""
+    pairs: list[Pair]
+    ratio: Mapping[str, int]
+    crop: int = 256
+    units: int = 1
+    seed: int = 0
+    process_index: int = 0
+    process_count: int = 1
+    sigmas: tuple[float, ...] = DENOISE_SIGMAS
+
+    def __post_init__(self):
+        self.tasks = tuple(self.ratio)
+        by_task = {t: [p for p in self.pairs if p.task == t] for t in self.tasks}
+        absent = [t for t, ps in by_task.items() if not ps]
+        if absent:
+            raise DataError(f"the task ratio asks for {absent}, which the data has no pairs for")
+        self.shards = {t: ps[self.process_index::self.process_count] for t, ps in by_task.items()}
+        empty = [t for t, ps in self.shards.items() if not ps]
+        if empty:
+            raise DataError(f"process {self.process_index} of {self.process_count} gets no {empty} pairs: "
+                            "fewer images than processes")
+
+    @property
+    def batch_size(self) -> int:
+        return sum(self.ratio.values()) * self.units
+
+    def _pick(self, task_id: int, position: int) -> Pair:
+        """The pair at a position of the task's endless stream: each epoch is a fresh permutation."""
+        shard = self.shards[self.tasks[task_id]]
+        epoch, offset = divmod(position, len(shard))
+        order = np.random.default_rng([self.seed, task_id, epoch]).permutation(len(shard))
+        return shard[order[offset]]
+
+    def sample(self, task_id: int, position: int) -> tuple[np.ndarray, np.ndarray]:
+        pair = self._pick(task_id, position)
+        rng = np.random.default_rng([self.seed, task_id, position, 1])
+        gt = read_rgb(pair.gt)
+        if pair.lq is None:
+            (gt,) = crop_flip([gt], self.crop, rng)
+            sigma = pair.sigma if pair.sigma is not None else float(rng.choice(self.sigmas))
+            lq = deg.gaussian_noise(np.ascontiguousarray(gt), sigma, seed=[self.seed, task_id, position, 2])
+        else:
+            lq = read_rgb(pair.lq)
+            if lq.shape != gt.shape:
+                raise DataError(f"{pair.lq}: size {lq.shape[:2]} differs from its ground truth {pair.gt} {gt.shape[:2]}")
+            lq, gt = crop_flip([lq, gt], self.crop, rng)
+        return lq, gt
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        lqs, gts, labels = [], [], []
+        for task_id, task in enumerate(self.tasks):
+            count = self.ratio[task] * self.units
+            for j in range(count):
+                lq, gt = self.sample(task_id, step * count + j)
+                lqs.append(lq)
+                gts.append(gt)
+                labels.append(task_id)
+        to_signed = lambda xs: np.stack(xs).astype(np.float32) * 2.0 - 1.0
+        return {"lq": to_signed(lqs), "gt": to_signed(gts), "task": np.asarray(labels, np.int32)}
+
+    def iterator(self, num_steps: int, threads: int = 4, prefetch: int = 8) -> grain.DatasetIterator:
+        """A grain iterator over batches 0..num_steps-1; get_state()/set_state() save and restore
+        its position."""
+        dataset = grain.MapDataset.range(num_steps).map(self.batch)
+        return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)))
