@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from dod_jax.data.demo import write_demo_set  # noqa: E402
 from dod_jax.data.layouts import checked_pairs  # noqa: E402
-from dod_jax.data.pipeline import STAGE1_RATIO, TrainBatches  # noqa: E402
+from dod_jax.data.pipeline import STAGE1_RATIO, TrainBatches, sources_from_pairs  # noqa: E402
 
 
 def naive_batches(pairs, ratio, crop, count, seed=0):
@@ -65,7 +65,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         pairs = checked_pairs(write_demo_set(Path(tmp) / "demo"), "aio3", "train")
         ratio = {t: n * args.units for t, n in STAGE1_RATIO.items()}
-        batches = TrainBatches(pairs, STAGE1_RATIO, crop=256, units=args.units)
+        batches = TrainBatches(sources_from_pairs(pairs), STAGE1_RATIO, crop=256, units=args.units)
         ours = rate(batches.iterator(args.batches + 1, threads=args.threads), args.batches)
         naive = rate(naive_batches(pairs, ratio, 256, args.batches + 1), args.batches)
     result = {"what": f"stage-1 batches of {batches.batch_size} (3:2:2), 256 crops, demo set",

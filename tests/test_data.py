@@ -10,7 +10,7 @@ from dod_jax.data import degradations as deg
 from dod_jax.data import layouts
 from dod_jax.data.demo import write_demo_set
 from dod_jax.data.layouts import DataError, checked_pairs, read_rgb, scan
-from dod_jax.data.pipeline import STAGE1_RATIO, TrainBatches
+from dod_jax.data.pipeline import STAGE1_RATIO, TrainBatches, sources_from_pairs
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_grey_rgba_and_16_bit_images_are_read_as_rgb_and_noted(demo_copy, capsys
 # -------------------------------------------------------------------------------------- pipeline
 
 def test_batches_have_the_task_ratio_shapes_and_ranges(demo_root):
-    batches = TrainBatches(checked_pairs(demo_root, "aio3", "train"), STAGE1_RATIO, crop=64, units=2, seed=0)
+    batches = TrainBatches(sources_from_pairs(checked_pairs(demo_root, "aio3", "train")), STAGE1_RATIO, crop=64, units=2, seed=0)
     batch = batches.batch(0)
     assert batch["lq"].shape == batch["gt"].shape == (14, 64, 64, 3)
     assert batch["lq"].dtype == np.float32 and -1 <= batch["lq"].min() and batch["gt"].max() <= 1
@@ -146,7 +146,7 @@ def test_batches_have_the_task_ratio_shapes_and_ranges(demo_root):
 
 
 def test_batches_are_deterministic_and_the_iterator_resumes_exactly(demo_root):
-    pairs = checked_pairs(demo_root, "aio3", "train")
+    pairs = sources_from_pairs(checked_pairs(demo_root, "aio3", "train"))
     a, b = TrainBatches(pairs, STAGE1_RATIO, crop=64, seed=5), TrainBatches(pairs, STAGE1_RATIO, crop=64, seed=5)
     np.testing.assert_array_equal(a.batch(3)["lq"], b.batch(3)["lq"])
     assert np.abs(a.batch(3)["lq"] - TrainBatches(pairs, STAGE1_RATIO, crop=64, seed=6).batch(3)["lq"]).max() > 0.1
@@ -163,20 +163,20 @@ def test_batches_are_deterministic_and_the_iterator_resumes_exactly(demo_root):
 
 
 def test_two_processes_read_disjoint_shards_covering_the_set(demo_root):
-    pairs = checked_pairs(demo_root, "aio3", "train")
-    shards = [TrainBatches(pairs, STAGE1_RATIO, crop=64, process_index=i, process_count=2).shards for i in range(2)]
+    sources = sources_from_pairs(checked_pairs(demo_root, "aio3", "train"))
+    shards = [TrainBatches(sources, STAGE1_RATIO, crop=64, process_index=i, process_count=2).shards for i in range(2)]
     for task in STAGE1_RATIO:
         first, second = set(shards[0][task]), set(shards[1][task])
         assert not first & second
-        assert first | second == {p for p in pairs if p.task == task}
+        assert first | second == set(range(len(sources[task])))
     # Over one epoch of its shard, a process sees each of its pairs once.
-    batches = TrainBatches(pairs, {"derain": 1}, crop=64, process_index=1, process_count=2)
+    batches = TrainBatches(sources, {"derain": 1}, crop=64, process_index=1, process_count=2)
     picked = [batches._pick(0, position) for position in range(len(batches.shards["derain"]))]
-    assert sorted(map(str, picked)) == sorted(map(str, batches.shards["derain"]))
+    assert sorted(picked) == sorted(batches.shards["derain"])
     with pytest.raises(DataError, match="gets no"):
-        TrainBatches(pairs, STAGE1_RATIO, process_index=7, process_count=8)
+        TrainBatches(sources, STAGE1_RATIO, process_index=7, process_count=8)
     with pytest.raises(DataError, match="no pairs for"):
-        TrainBatches(pairs, {"deblur": 1})
+        TrainBatches(sources, {"deblur": 1})
 
 
 def test_cdd11_layout_pairs_every_type_with_clear(tmp_path):
@@ -195,3 +195,35 @@ def test_cdd11_layout_pairs_every_type_with_clear(tmp_path):
     problems = scan(tmp_path, "cdd11", "test").problems
     assert any("clear/c.png: ground truth without a degraded image" in p for p in problems), problems
     assert len(checked_pairs(tmp_path, "cdd11", "train")) == 22
+
+
+def test_tfds_array_record_preparation_round_trips_and_feeds_the_pipeline(demo_root, tmp_path):
+    from dod_jax.data import tfds_builder
+
+    builder = tfds_builder.prepare(demo_root, "aio5", tmp_path / "tfds")
+    assert {n: s.num_examples for n, s in builder.info.splits.items()} == {
+        **{f"train_{t}": 7 for t in layouts.AIO5_TASKS}, "test_denoise": 6,
+        **{f"test_{t}": 2 for t in layouts.AIO5_TASKS if t != "denoise"}}
+    sources = tfds_builder.task_sources("aio5", tmp_path / "tfds", "train")
+    pairs = checked_pairs(demo_root, "aio5", "train")
+    for task, source in sources.items():
+        records = {r["name"].decode(): r for r in (source[i] for i in range(len(source)))}
+        for pair in (p for p in pairs if p.task == task):
+            record = records[str((pair.lq or pair.gt).relative_to(demo_root))]
+            assert record["gt"] == pair.gt.read_bytes()
+            assert record["lq"] == (pair.lq.read_bytes() if pair.lq else b"")
+    batches = TrainBatches(sources, STAGE1_RATIO, crop=64, seed=0)
+    batch = batches.batch(0)
+    assert batch["lq"].shape == (7, 64, 64, 3) and list(batch["task"]) == [0, 0, 0, 1, 1, 2, 2]
+    np.testing.assert_array_equal(batch["gt"], TrainBatches(sources, STAGE1_RATIO, crop=64, seed=0).batch(0)["gt"])
+
+
+def test_tfds_preparation_refuses_a_bad_folder_before_writing(demo_copy, tmp_path):
+    from dod_jax.data import tfds_builder
+
+    (demo_copy / "Train/Derain/gt/norain-astronaut.png").unlink()
+    with pytest.raises(DataError, match="rain-astronaut.png: no ground truth"):
+        tfds_builder.prepare(demo_copy, "aio5", tmp_path / "tfds")
+    assert not (tmp_path / "tfds").exists() or not any((tmp_path / "tfds").rglob("*.array_record*"))
+    with pytest.raises(FileNotFoundError, match="no prepared"):
+        tfds_builder.task_sources("aio5", tmp_path / "tfds", "train")

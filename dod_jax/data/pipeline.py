@@ -1,11 +1,14 @@
 """The training input pipeline: batches with a fixed number of samples per task (the stage's
 task ratio), random crops and flips, images in [-1, 1], task labels kept.
 
-Every batch is a pure function of (seed, step, process): which images it holds, their crops,
-flips and denoising noise all follow from them. So the pipeline is deterministic for a seed,
-its position is one integer (the grain iterator's state), and a restored iterator continues
-with exactly the batches the interrupted run would have seen. Each process of a multi-host run
-reads a disjoint shard of every task's pairs (pairs[process_index::process_count]).
+Samples come per task from any indexable source of records: the scanned folder pairs
+(`sources_from_pairs`) or the array_record splits prepared by dod_jax.data.tfds_builder
+(`tfds_builder.task_sources`). Every batch is a pure function of (seed, step, process): which
+records it holds, their crops, flips and denoising noise all follow from them. So the pipeline
+is deterministic for a seed, its position is one integer (the grain iterator's state), and a
+restored iterator continues with exactly the batches the interrupted run would have seen. Each
+process of a multi-host run reads a disjoint shard of every task (indices
+process_index::process_count).
 
 grain runs the batch function on reader threads and prefetches.
 """
@@ -13,7 +16,7 @@ grain runs the batch function on reader threads and prefetches.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import grain
 import numpy as np
@@ -51,11 +54,28 @@ def resize_float(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
 
 
+def sources_from_pairs(pairs: list[Pair]) -> dict[str, list[Pair]]:
+    by_task: dict[str, list[Pair]] = {}
+    for pair in pairs:
+        by_task.setdefault(pair.task, []).append(pair)
+    return by_task
+
+
+def record_fields(record) -> tuple[object, object | None, float | None]:
+    """(gt, lq or None, sigma or None) of a folder Pair or a prepared record (dict of bytes)."""
+    if isinstance(record, Pair):
+        return record.gt, record.lq, record.sigma
+    name = record["name"].decode() if isinstance(record["name"], bytes) else record["name"]
+    lq = (record["lq"], f"{name} (lq)") if len(record["lq"]) else None
+    sigma = float(record["sigma"])
+    return (record["gt"], f"{name} (gt)"), lq, (sigma if sigma > 0 else None)
+
+
 @dataclasses.dataclass
 class TrainBatches:
     """batch(step) -> {"lq", "gt": (n, crop, crop, 3) float32 in [-1, 1], "task": (n,) int32}, with
     n = sum(ratio.values()) * units, tasks in `ratio`'s order (task ids index `tasks`)."""
-    pairs: list[Pair]
+    sources: Mapping[str, Sequence]
     ratio: Mapping[str, int]
     crop: int = 256
     units: int = 1
@@ -66,12 +86,11 @@ class TrainBatches:
 
     def __post_init__(self):
         self.tasks = tuple(self.ratio)
-        by_task = {t: [p for p in self.pairs if p.task == t] for t in self.tasks}
-        absent = [t for t, ps in by_task.items() if not ps]
+        absent = [t for t in self.tasks if t not in self.sources or len(self.sources[t]) == 0]
         if absent:
             raise DataError(f"the task ratio asks for {absent}, which the data has no pairs for")
-        self.shards = {t: ps[self.process_index::self.process_count] for t, ps in by_task.items()}
-        empty = [t for t, ps in self.shards.items() if not ps]
+        self.shards = {t: range(self.process_index, len(self.sources[t]), self.process_count) for t in self.tasks}
+        empty = [t for t, indices in self.shards.items() if not indices]
         if empty:
             raise DataError(f"process {self.process_index} of {self.process_count} gets no {empty} pairs: "
                             "fewer images than processes")
@@ -80,25 +99,27 @@ class TrainBatches:
     def batch_size(self) -> int:
         return sum(self.ratio.values()) * self.units
 
-    def _pick(self, task_id: int, position: int) -> Pair:
-        """The pair at a position of the task's endless stream: each epoch is a fresh permutation."""
+    def _pick(self, task_id: int, position: int) -> int:
+        """The source index at a position of the task's endless stream: each epoch is a fresh
+        permutation of the process's shard."""
         shard = self.shards[self.tasks[task_id]]
         epoch, offset = divmod(position, len(shard))
         order = np.random.default_rng([self.seed, task_id, epoch]).permutation(len(shard))
         return shard[order[offset]]
 
     def sample(self, task_id: int, position: int) -> tuple[np.ndarray, np.ndarray]:
-        pair = self._pick(task_id, position)
+        record = self.sources[self.tasks[task_id]][self._pick(task_id, position)]
+        gt_file, lq_file, sigma = record_fields(record)
         rng = np.random.default_rng([self.seed, task_id, position, 1])
-        gt = read_rgb(pair.gt)
-        if pair.lq is None:
+        gt = read_rgb(gt_file)
+        if lq_file is None:
             (gt,) = crop_flip([gt], self.crop, rng)
-            sigma = pair.sigma if pair.sigma is not None else float(rng.choice(self.sigmas))
+            sigma = sigma if sigma is not None else float(rng.choice(self.sigmas))
             lq = deg.gaussian_noise(np.ascontiguousarray(gt), sigma, seed=[self.seed, task_id, position, 2])
         else:
-            lq = read_rgb(pair.lq)
+            lq = read_rgb(lq_file)
             if lq.shape != gt.shape:
-                raise DataError(f"{pair.lq}: size {lq.shape[:2]} differs from its ground truth {pair.gt} {gt.shape[:2]}")
+                raise DataError(f"{lq_file}: size {lq.shape[:2]} differs from its ground truth {gt_file} {gt.shape[:2]}")
             lq, gt = crop_flip([lq, gt], self.crop, rng)
         return lq, gt
 
