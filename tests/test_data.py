@@ -10,7 +10,7 @@ from dod_jax.data import degradations as deg
 from dod_jax.data import layouts
 from dod_jax.data.demo import write_demo_set
 from dod_jax.data.layouts import DataError, checked_pairs, read_rgb, scan
-from dod_jax.data.pipeline import STAGE1_RATIO, TrainBatches, sources_from_pairs
+from dod_jax.data.pipeline import STAGE1_RATIO, TrainBatches, crop_flip, sources_from_pairs
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +227,10 @@ def test_tfds_preparation_refuses_a_bad_folder_before_writing(demo_copy, tmp_pat
     assert not (tmp_path / "tfds").exists() or not any((tmp_path / "tfds").rglob("*.array_record*"))
     with pytest.raises(FileNotFoundError, match="no prepared"):
         tfds_builder.task_sources("aio5", tmp_path / "tfds", "train")
+
+
+def test_small_images_are_resized_up_before_cropping():
+    ramp = np.linspace(0, 1, 100 * 150 * 3, dtype=np.float32).reshape(100, 150, 3)
+    lq, gt = crop_flip([ramp, ramp * 0.5], 128, np.random.default_rng(0))
+    assert lq.shape == gt.shape == (128, 128, 3) and 0 <= lq.min() and lq.max() <= 1
+    np.testing.assert_allclose(gt, lq * 0.5, atol=1e-5)  # the same crop and flips for both

@@ -70,28 +70,25 @@ def write_demo_set(root: str | os.PathLike, seed: int = 0) -> Path:
             blurred = deg.motion_blur(clean, length=int(rng.integers(9, 16)), angle_degrees=rng.uniform(0, 180))
             dark = deg.low_light(clean, gamma=rng.uniform(2.0, 3.0), scale=rng.uniform(0.3, 0.5), sigma=5.0,
                                  seed=[seed, index, 2])
-            file = f"{name}.png"
-            scene = f"{index:04d}"  # RESIDE names hazy images <scene>_<airlight>_<beta>
+            file, scene = f"{name}.png", f"{index:04d}"  # RESIDE names hazy images <scene>_<airlight>_<beta>
+            hazy_name = f"{scene}_{airlight}_{beta}.png"
+            # (degraded image, its path, the ground truth's path) in the AIO-5 layout
             if split == "train":
-                _save(staging / "Train/Denoise" / file, photo)
-                _save(staging / "Train/Derain/rainy" / f"rain-{name}.png", rained)
-                _save(staging / "Train/Derain/gt" / f"norain-{name}.png", photo)
-                _save(staging / "Train/Dehaze/synthetic/part1" / f"{scene}_{airlight}_{beta}.png", hazy)
-                _save(staging / "Train/Dehaze/original" / f"{scene}.png", photo)
-                _save(staging / "Train/Deblur/demo/blur" / file, blurred)
-                _save(staging / "Train/Deblur/demo/sharp" / file, photo)
-                _save(staging / "Train/Lowlight/low" / file, dark)
-                _save(staging / "Train/Lowlight/high" / file, photo)
+                files = [(None, None, f"Train/Denoise/{file}"),
+                         (rained, f"Train/Derain/rainy/rain-{name}.png", f"Train/Derain/gt/norain-{name}.png"),
+                         (hazy, f"Train/Dehaze/synthetic/part1/{hazy_name}", f"Train/Dehaze/original/{scene}.png"),
+                         (blurred, f"Train/Deblur/demo/blur/{file}", f"Train/Deblur/demo/sharp/{file}"),
+                         (dark, f"Train/Lowlight/low/{file}", f"Train/Lowlight/high/{file}")]
             else:
-                _save(staging / "test/denoise/bsd68" / file, photo)
-                _save(staging / "test/derain/Rain100L/input" / file, rained)
-                _save(staging / "test/derain/Rain100L/target" / file, photo)
-                _save(staging / "test/dehaze/input" / f"{scene}_{airlight}_{beta}.png", hazy)
-                _save(staging / "test/dehaze/target" / f"{scene}.png", photo)
-                _save(staging / "test/deblur/demo/blur" / file, blurred)
-                _save(staging / "test/deblur/demo/sharp" / file, photo)
-                _save(staging / "test/lowlight/low" / file, dark)
-                _save(staging / "test/lowlight/high" / file, photo)
+                files = [(None, None, f"test/denoise/bsd68/{file}"),
+                         (rained, f"test/derain/Rain100L/input/{file}", f"test/derain/Rain100L/target/{file}"),
+                         (hazy, f"test/dehaze/input/{hazy_name}", f"test/dehaze/target/{scene}.png"),
+                         (blurred, f"test/deblur/demo/blur/{file}", f"test/deblur/demo/sharp/{file}"),
+                         (dark, f"test/lowlight/low/{file}", f"test/lowlight/high/{file}")]
+            for degraded, lq_path, gt_path in files:
+                _save(staging / gt_path, photo)
+                if degraded is not None:
+                    _save(staging / lq_path, degraded)
         if root.exists():
             shutil.rmtree(root)
         staging.rename(root)

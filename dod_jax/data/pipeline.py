@@ -20,10 +20,10 @@ from typing import Mapping, Sequence
 
 import grain
 import numpy as np
-from PIL import Image
 
 from dod_jax.data import degradations as deg
 from dod_jax.data.layouts import DENOISE_SIGMAS, DataError, Pair, read_rgb
+from dod_jax.image_ops import resize_float
 
 STAGE1_RATIO = {"dehaze": 3, "derain": 2, "denoise": 2}
 STAGE2_RATIO = {"dehaze": 1, "derain": 1, "denoise": 1}
@@ -35,7 +35,7 @@ def crop_flip(images: list[np.ndarray], size: int, rng: np.random.Generator) -> 
     h, w = images[0].shape[:2]
     if min(h, w) < size:
         scale = size / min(h, w)
-        new = (max(size, round(w * scale)), max(size, round(h * scale)))
+        new = (max(size, round(h * scale)), max(size, round(w * scale)))
         images = [resize_float(i, new) for i in images]
         h, w = images[0].shape[:2]
     top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
@@ -45,13 +45,6 @@ def crop_flip(images: list[np.ndarray], size: int, rng: np.random.Generator) -> 
     if rng.uniform() < 0.5:
         out = [i[::-1] for i in out]
     return out
-
-
-def resize_float(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bicubic resize of an (H, W, C) float image in [0, 1] to size (W, H), clipped."""
-    channels = [np.asarray(Image.fromarray(image[..., c]).resize(size, Image.Resampling.BICUBIC))
-                for c in range(image.shape[-1])]
-    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
 
 
 def sources_from_pairs(pairs: list[Pair]) -> dict[str, list[Pair]]:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+from dod_jax.image_ops import resize_float
 
 MULTIPLE = 8
 
@@ -58,12 +58,6 @@ def from_unit_rgb(rgb: np.ndarray, alpha: np.ndarray | None, like: np.ndarray) -
     return out.astype(like.dtype)
 
 
-def resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if rgb.shape[:2] == tuple(size):
-        return rgb
-    return np.asarray(jax.image.resize(jnp.asarray(rgb), tuple(size) + rgb.shape[2:], "cubic", antialias=True))
-
-
 def restore_image(restore: Callable[[np.ndarray], np.ndarray], image: np.ndarray, *, min_side: int = 256) -> np.ndarray:
     """Run `restore` ((1, H, W, 3) in [-1, 1] -> same) on an image of any size and layout."""
     rgb, alpha = to_unit_rgb(image)
@@ -73,10 +67,10 @@ def restore_image(restore: Callable[[np.ndarray], np.ndarray], image: np.ndarray
         if min_side < MULTIPLE:
             raise ValueError(f"image of {h}x{w} is smaller than {MULTIPLE} pixels on a side; set min_side to lift it")
         scale = min_side / short
-        rgb = np.clip(resize(rgb, (max(min_side, round(h * scale)), max(min_side, round(w * scale)))), 0.0, 1.0)
+        rgb = resize_float(rgb, (max(min_side, round(h * scale)), max(min_side, round(w * scale))))
     lh, lw = rgb.shape[:2]
     pad_h, pad_w = -lh % MULTIPLE, -lw % MULTIPLE
     padded = np.pad(rgb, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
     restored = np.asarray(restore(padded[None] * 2.0 - 1.0), np.float32)[0]
     restored = (restored[:lh, :lw] + 1.0) / 2.0
-    return from_unit_rgb(resize(restored, (h, w)), alpha, np.asarray(image))
+    return from_unit_rgb(resize_float(restored, (h, w)), alpha, np.asarray(image))

@@ -1,0 +1,17 @@
+"""Host-side image operations shared by the input pipeline and restore."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def resize_float(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic resize (Pillow, antialiased when shrinking) of an (H, W, C) float image in [0, 1]
+    to `size` = (height, width), clipped to [0, 1]."""
+    if image.shape[:2] == tuple(size):
+        return image
+    h, w = size
+    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize(
+        (w, h), Image.Resampling.BICUBIC)) for c in range(image.shape[-1])]
+    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
