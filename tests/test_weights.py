@@ -13,7 +13,7 @@ import torch
 from flax import nnx, serialization
 from safetensors.numpy import load_file, save_file
 
-from conftest import diffusers_model, nchw, nhwc, tiny_config
+from conftest import diffusers_model, tiny_config
 from dod_jax.schedule import DDPMSchedule
 from dod_jax.weights.diffusers import (SAFETENSORS_NAME, SDPipeline, WeightsError, WeightsMismatchError,
                                        load_model, load_pipeline, save_model, save_pipeline)
