@@ -16,6 +16,7 @@ grain runs the batch function on reader threads and prefetches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping, Sequence
 
 import grain
@@ -45,6 +46,13 @@ def crop_flip(images: list[np.ndarray], size: int, rng: np.random.Generator) -> 
     if rng.uniform() < 0.5:
         out = [i[::-1] for i in out]
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def epoch_order(seed: int, task_id: int, epoch: int, size: int) -> np.ndarray:
+    """The permutation of a task's shard for one epoch; cached, as every sample of the epoch
+    (tens of thousands for RESIDE) needs it."""
+    return np.random.default_rng([seed, task_id, epoch]).permutation(size)
 
 
 def sources_from_pairs(pairs: list[Pair]) -> dict[str, list[Pair]]:
@@ -97,8 +105,7 @@ class TrainBatches:
         permutation of the process's shard."""
         shard = self.shards[self.tasks[task_id]]
         epoch, offset = divmod(position, len(shard))
-        order = np.random.default_rng([self.seed, task_id, epoch]).permutation(len(shard))
-        return shard[order[offset]]
+        return shard[epoch_order(self.seed, task_id, epoch, len(shard))[offset]]
 
     def sample(self, task_id: int, position: int) -> tuple[np.ndarray, np.ndarray]:
         record = self.sources[self.tasks[task_id]][self._pick(task_id, position)]

@@ -126,7 +126,9 @@ class DOD(nnx.Module):
         if lq.shape[0] != 1:
             raise ValueError(f"merging CLoRA is per image: batch must be 1, got {lq.shape[0]}")
         film = self.film(lq)
-        return adapters.merge(self.unet, GENERATOR, film) + adapters.merge(self.vae, GENERATOR, film)
+        folded = adapters.merge(self.unet, GENERATOR, film) + adapters.merge(self.vae, GENERATOR, film)
+        self.conditional = False  # the modulation is in the weights now: restoring skips MFM and M_theta
+        return folded
 
 
 def _check_size(shape):
