@@ -24,6 +24,7 @@ from flax import nnx
 from ml_collections import config_flags
 from PIL import Image
 
+from dod_jax.models.layers import NumpyRngs
 from dod_jax.models.unet import UNet2DCondition, UNetConfig
 from dod_jax.models.vae import AutoencoderKL, VAEConfig
 from dod_jax.schedule import DDPMSchedule
@@ -79,7 +80,7 @@ def main(argv):
 
     print("[1/4] building a random UNet and VAE from the config", flush=True)
     t0 = time.perf_counter()
-    rngs = nnx.Rngs(seed)
+    rngs = NumpyRngs(seed)  # host-side init: eager jax.random would compile per parameter shape
     unet = UNet2DCondition(UNetConfig.from_diffusers(config.unet.to_dict()), rngs=rngs)
     vae = AutoencoderKL(VAEConfig.from_diffusers(config.vae.to_dict()), rngs=rngs)
     timings["build_s"] = time.perf_counter() - t0

@@ -86,6 +86,10 @@ def read_rgb(file) -> np.ndarray:
         raise DataError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
 
 
+_NOTED_MODES = {"L": "grey", "1": "1-bit", "LA": "grey with alpha", "P": "palette", "PA": "palette with alpha",
+                "RGBA": "RGBA (alpha ignored)", "I;16": "16-bit grey", "I;16B": "16-bit grey", "I": "32-bit integer"}
+
+
 def _inspect(path: Path, problems: list[str], notes: list[str]) -> tuple[int, int] | None:
     """The image's size, recording unreadable files and unusual modes."""
     try:
@@ -95,10 +99,8 @@ def _inspect(path: Path, problems: list[str], notes: list[str]) -> tuple[int, in
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         problems.append(f"{path}: not a readable image ({type(e).__name__}: {e})")
         return None
-    kind = {"L": "grey", "1": "1-bit", "LA": "grey with alpha", "P": "palette", "PA": "palette with alpha",
-            "RGBA": "RGBA (alpha ignored)", "I;16": "16-bit grey", "I;16B": "16-bit grey", "I": "32-bit integer"}
-    if mode in kind:
-        notes.append(f"{path}: {kind[mode]}, read as RGB")
+    if mode in _NOTED_MODES:
+        notes.append(f"{path}: {_NOTED_MODES[mode]}, read as RGB")
     return size
 
 

@@ -36,9 +36,8 @@ def adm_config(config) -> ADMConfig:
 
 def base_networks(config, rngs, dtype) -> tuple[UNet2DCondition, AutoencoderKL, ADMEncoder]:
     """The SD UNet, VAE and ADM encoder of `config`, initialised from `rngs`."""
-    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}
-    return (UNet2DCondition(UNetConfig.from_diffusers(strip(config.unet.to_dict())), dtype=dtype, rngs=rngs),
-            AutoencoderKL(VAEConfig.from_diffusers(strip(config.vae.to_dict())), dtype=dtype, rngs=rngs),
+    return (UNet2DCondition(UNetConfig.from_diffusers(config.unet.to_dict()), dtype=dtype, rngs=rngs),
+            AutoencoderKL(VAEConfig.from_diffusers(config.vae.to_dict()), dtype=dtype, rngs=rngs),
             ADMEncoder(adm_config(config), dtype=dtype, rngs=rngs))
 
 
