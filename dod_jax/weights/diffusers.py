@@ -334,6 +334,7 @@ def atomic_write(path: Path, write: Callable[[str], None]):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users of a shared run folder
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
