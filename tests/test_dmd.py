@@ -4,11 +4,13 @@ score and the fake score against separate UNet calls, and where gradients go."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from conftest import tiny_config
 from dod_jax import adapters
-from dod_jax.losses.dmd import dmd_loss, dmd_loss_from_predictions, fake_score_loss, score_predictions
+from dod_jax.losses.dmd import (dmd_loss, dmd_loss_from_predictions, draw_timesteps_and_noise, fake_score_loss,
+                                score_predictions)
 from dod_jax.models.layers import NumpyRngs
 from dod_jax.models.unet import UNet2DCondition, UNetConfig
 from dod_jax.schedule import DDPMSchedule
@@ -70,7 +72,7 @@ def test_dmd_trains_the_generator_latent_only_and_the_fake_loss_trains_the_fake_
     z = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
     prompt, negative = (jnp.asarray(rng.standard_normal((2, 5, 64)), jnp.float32) for _ in range(2))
     graphdef, params, rest = nnx.split(unet, nnx.Param, ...)
-    key = jax.random.key(0)
+    key = jax.random.split(jax.random.key(0), 2)  # one key per sample
 
     @jax.jit
     def grads(params, z):
@@ -86,3 +88,14 @@ def test_dmd_trains_the_generator_latent_only_and_the_fake_loss_trains_the_fake_
     flat = dict(nnx.to_flat_state(fake_params))
     fake_b = [g for p, g in flat.items() if "fake" in p and "lora_B" in p]
     assert fake_b and all(float(jnp.abs(g[...]).max()) > 0 for g in fake_b)
+
+
+def test_draws_follow_each_samples_key_so_batch_splits_do_not_change_them():
+    keys = jax.random.split(jax.random.key(3), 6)
+    t, noise = draw_timesteps_and_noise(keys, (6, 4, 4, 4), 20, 980)
+    t_part, noise_part = draw_timesteps_and_noise(keys[4:], (2, 4, 4, 4), 20, 980)
+    np.testing.assert_array_equal(t[4:], t_part)
+    np.testing.assert_array_equal(noise[4:], noise_part)
+    assert int(t.min()) >= 20 and int(t.max()) <= 980 and len(set(np.asarray(t).tolist())) > 1
+    with pytest.raises(ValueError, match="one PRNG key per sample"):
+        draw_timesteps_and_noise(jax.random.key(0), (6, 4, 4, 4), 20, 980)

@@ -8,7 +8,9 @@ For the generator's latent z (scaled, as the UNet sees it):
     grad    = (x0_fake - x0_real) / mean(|z - x0_real|)       (mean per sample over C, H, W)
     L_dmd   = MSE(z, stopgrad(z - grad))
 so dL/dz = 2 grad / N. Everything here is float32 whatever the UNet's compute dtype; the score
-networks get no gradient from this loss (their outputs are stopped).
+networks get no gradient from this loss (their outputs are stopped). `keys` hold one PRNG key per
+sample: sample i's t and noise follow from keys[i] alone, so a batch split into micro-batches
+or over devices draws the same values.
 
 The fake score learns with the plain epsilon-MSE on the detached generator latent:
     L_fake = MSE(eps_fake(z_t, t), noise),  t ~ U{0..999}.
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from dod_jax import adapters
+from dod_jax.models.layers import is_key_batch, normal_per_sample
 from dod_jax.schedule import DDPMSchedule
 
 T_MIN, T_MAX = 20, 980
@@ -56,23 +59,28 @@ def score_predictions(unet, schedule: DDPMSchedule, z, t, noise, prompt, negativ
     return jax.lax.stop_gradient(x0_real), jax.lax.stop_gradient(x0_fake)
 
 
-def dmd_loss(unet, schedule: DDPMSchedule, z, key, prompt, negative_prompt, *, fake_set: str,
+def draw_timesteps_and_noise(keys, shape, t_min: int, t_max: int):
+    """t ~ U{t_min..t_max} (B,) and N(0, 1) noise of `shape`, from one key per sample."""
+    if not is_key_batch(keys) or keys.shape[0] != shape[0]:
+        raise ValueError(f"expected one PRNG key per sample ({shape[0]},), got {keys.shape} {keys.dtype}")
+    t_keys, noise_keys = jax.vmap(lambda k: jax.random.split(k))(keys).T
+    t = jax.vmap(lambda k: jax.random.randint(k, (), t_min, t_max + 1))(t_keys)
+    return t, normal_per_sample(noise_keys, shape)
+
+
+def dmd_loss(unet, schedule: DDPMSchedule, z, keys, prompt, negative_prompt, *, fake_set: str,
              guidance: float = GUIDANCE, t_min: int = T_MIN, t_max: int = T_MAX):
     """L_dmd for generator latents z (B, h, w, 4); gradients flow to z only."""
-    k_t, k_noise = jax.random.split(key)
-    t = jax.random.randint(k_t, (z.shape[0],), t_min, t_max + 1)
-    noise = jax.random.normal(k_noise, z.shape, jnp.float32)
+    t, noise = draw_timesteps_and_noise(keys, z.shape, t_min, t_max)
     x0_real, x0_fake = score_predictions(unet, schedule, jax.lax.stop_gradient(z), t, noise, prompt, negative_prompt,
                                          fake_set=fake_set, guidance=guidance)
     return dmd_loss_from_predictions(z, x0_real, x0_fake)
 
 
-def fake_score_loss(unet, schedule: DDPMSchedule, z, key, prompt, *, fake_set: str):
+def fake_score_loss(unet, schedule: DDPMSchedule, z, keys, prompt, *, fake_set: str):
     """Epsilon-MSE of the fake score on detached generator latents, t ~ U{0..999}."""
-    k_t, k_noise = jax.random.split(key)
     z = jax.lax.stop_gradient(z).astype(jnp.float32)
-    t = jax.random.randint(k_t, (z.shape[0],), 0, schedule.num_train_timesteps)
-    noise = jax.random.normal(k_noise, z.shape, jnp.float32)
+    t, noise = draw_timesteps_and_noise(keys, z.shape, 0, schedule.num_train_timesteps - 1)
     with adapters.select(fake_set):
         eps = unet(schedule.add_noise(z, noise, t), t, prompt).astype(jnp.float32)
     return jnp.mean((eps - noise) ** 2)

@@ -66,6 +66,21 @@ def uniform_fan_in(rngs, shape, fan_in, dtype):
 ADAPTERS = "adapters"
 
 
+def is_key_batch(key) -> bool:
+    """Whether `key` is one typed PRNG key per sample (shape (B,)) rather than a single key."""
+    return jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1
+
+
+def normal_per_sample(key, shape, dtype=jnp.float32):
+    """N(0, 1) noise of `shape` (B, ...). With one key per sample, sample i depends on keys[i]
+    alone, so splitting a batch into micro-batches or shards draws the same noise."""
+    if is_key_batch(key):
+        if key.shape[0] != shape[0]:
+            raise ValueError(f"{key.shape[0]} keys for a batch of {shape[0]}")
+        return jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), dtype))(key)
+    return jax.random.normal(key, shape, dtype)
+
+
 def add_adapter_outputs(layer: nnx.Module, x, y):
     """y plus the outputs of the adapters hung on `layer` under ADAPTERS (see dod_jax.adapters);
     an adapter returns None when its set is not selected for this call."""

@@ -17,7 +17,7 @@ from flax import nnx, struct
 
 from dod_jax.models.config import check_config
 from dod_jax.models.layers import (Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, SpatialSelfAttention,
-                                   Upsample2D, call_maybe_remat)
+                                   Upsample2D, call_maybe_remat, normal_per_sample)
 
 VAE_EPS = 1e-6
 
@@ -83,7 +83,8 @@ class DiagonalGaussian:
         return jnp.exp(0.5 * self.logvar)
 
     def sample(self, key):
-        return self.mean + self.std * jax.random.normal(key, self.mean.shape, self.mean.dtype)
+        """A draw from the posterior; `key` is one key, or one key per sample."""
+        return self.mean + self.std * normal_per_sample(key, self.mean.shape, self.mean.dtype)
 
     def mode(self):
         return self.mean
