@@ -2,9 +2,13 @@
 model's own settings, at the authors' code defaults. Paper values and the ablations are
 switches here (REFERENCE.md lists where paper and code differ)."""
 
+from pathlib import Path
+
 from ml_collections import ConfigDict
 
 from configs import sd21_base
+
+LPIPS_WEIGHTS = Path(__file__).resolve().parent.parent / ".venv" / "weights" / "lpips_vgg16.safetensors"
 
 # UNet layers carrying the generator's conditional LoRA (matched by path suffix).
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -40,5 +44,41 @@ def get_config() -> ConfigDict:
         "mfm_size": 256,            # MFM on a resized copy of the LQ; 0 = full resolution (the code at test time)
         "latent": "sample",         # z from the posterior: 'sample' (code, needs a key) or 'mode'
         "timestep": 999,
+    })
+    # The frozen base: an SD 2.1-base pipeline folder, the converted ADM encoder and the prompt
+    # embeddings (README: "The DOD model"). random_seed >= 0 uses random base weights instead
+    # (tests and the demo; never for results).
+    config.base = ConfigDict({"sd": "", "adm": "", "prompts": "", "random_seed": -1})
+    config.data = ConfigDict({
+        "root": "",                 # a folder in `layout`, or "demo" for the built-in demo set
+        "layout": "aio3",           # aio3 | aio5 | cdd11 (dod_jax.data.layouts)
+        "tfds_dir": "",             # prepared array_record splits (dod_jax.data.tfds_builder) instead of root
+        # crops per task in a batch, 'task:n,task:n'; '' = REFERENCE.md's (3:2:2 and 1:1:1 over AIO-3)
+        "stage1_ratio": "", "stage2_ratio": "",
+    })
+    config.train = ConfigDict({
+        "stage": "stage1",          # stage1 | stage2
+        "init_from": "",            # stage 2: the stage-1 run directory (or one of its checkpoint steps)
+        "steps": 100_000,
+        "seed": 0,
+        "units": 1,                 # batch = units x sum(ratio) crops (7 in stage 1, 3 in stage 2)
+        "crop": 256,
+        "micro_batches": 1,         # gradient accumulation: the batch in this many slices
+        "remat": False,             # rematerialise UNet / VAE blocks in the backward pass
+        "dtype": "float32",         # compute dtype (bfloat16 on accelerators); parameters stay float32
+        "lr": 5e-5, "fake_lr": 5e-5, "betas": (0.9, 0.999), "weight_decay": 1e-2,
+        "clip": 1.0, "fake_clip": 1.0,
+        "loss_weights": "code",     # code: l2 2, lpips 5, dmd 1, ssim 0.1; paper: 1, 2, 1, 0.2
+        "weights": {"l2": None, "lpips": None, "dmd": None, "ssim": None},  # explicit overrides
+        "fake_updates": 1,          # fake-score updates per generator update
+        "fake_rank": 8,
+        "lpips_weights": str(LPIPS_WEIGHTS),  # make writes it (README: LPIPS)
+        "log_every": 50, "sample_every": 1000, "checkpoint_every": 2000, "keep": 3,
+    })
+    config.parallel = ConfigDict({
+        "data": -1, "fsdp": 1,      # mesh shape; -1 = all devices left
+        "shard_frozen": False,      # FSDP-shard the frozen base by the rules (else replicated)
+        "rules": (("embed", None), ("mlp", "fsdp"), ("conv_in", None), ("conv_out", "fsdp"), ("vector", None)),
+        "coordinator": "", "num_processes": 0, "process_id": -1,  # multi-host (or DOD_* env, TPU/SLURM auto)
     })
     return config

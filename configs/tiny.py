@@ -26,4 +26,8 @@ def get_config() -> ConfigDict:
                        "attention_resolutions": (16,), "num_head_channels": 16})
     config.dod.mfm_size = 64
     config.image_size = 128
+    config.base.random_seed = 0
+    config.data.root = "demo"
+    config.train.update({"steps": 60, "crop": 64, "lr": 1e-3, "fake_lr": 1e-3,
+                         "log_every": 5, "sample_every": 20, "checkpoint_every": 20})
     return config

@@ -105,6 +105,48 @@ class LoRA(nnx.Module):
         return jnp.einsum("...r,r,ro->...o", a, gamma, b) * self.scale, (beta @ b) * self.scale
 
 
+class FullDelta(nnx.Module):
+    """A full-rank trained copy of one layer as a delta on its frozen weights (zero at
+    initialisation): the layer is W0 + dW, b0 + db while its set is selected and the untouched
+    W0, b0 otherwise. DOD trains the UNet's conv_in this way, so the DMD real and fake scores,
+    which share the UNet, keep the original conv_in."""
+
+    film_key = None
+
+    def __init__(self, layer: Linear | Conv2d, set_name: str, *, rngs):
+        kw = dict(use_bias=layer.bias is not None, dtype=layer.dtype, param_dtype=layer.kernel.dtype, rngs=rngs)
+        if isinstance(layer, Linear):
+            self.delta = Linear(layer.in_features, layer.out_features, **kw)
+        else:
+            self.delta = Conv2d(layer.in_channels, layer.out_channels, layer.kernel.shape[0], stride=layer.stride,
+                                padding=layer.padding, **kw)
+        for var in (self.delta.kernel, self.delta.bias):
+            if var is not None:
+                var.set_value(jnp.zeros_like(var[...]))
+        self.set_name = set_name
+
+    def __call__(self, x):
+        return self.delta(x) if _SELECTED.get().name == self.set_name else None
+
+    def folded(self, film=None):
+        bias = self.delta.bias[...] if self.delta.bias is not None else None
+        return self.delta.kernel[...], bias
+
+
+def add_full_delta(model: nnx.Module, path: str, set_name: str, rngs) -> str:
+    """Hang a FullDelta of set `set_name` on the layer at dotted `path` of `model`."""
+    found = [layer for p, layer in layers(model) if p == path]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv2d at {path!r}")
+    layer = found[0]
+    if not hasattr(layer, ADAPTERS):
+        layer.adapters = nnx.Dict()
+    if set_name in layer.adapters:
+        raise ValueError(f"{path} already carries an adapter set named {set_name!r}")
+    layer.adapters[set_name] = FullDelta(layer, set_name, rngs=rngs)
+    return path
+
+
 def matches(path: str, targets: Sequence[str]) -> bool:
     return any(path == t or path.endswith("." + t) for t in targets)
 
@@ -151,7 +193,7 @@ def inject(model: nnx.Module, spec: AdapterSpec, rngs) -> list[str]:
     return [p for p, _ in found]
 
 
-def adapted(model: nnx.Module, name: str) -> Iterator[tuple[str, Linear | Conv2d, LoRA]]:
+def adapted(model: nnx.Module, name: str) -> Iterator[tuple[str, Linear | Conv2d, LoRA | FullDelta]]:
     for path, layer in layers(model):
         if name in getattr(layer, ADAPTERS, {}):
             yield path, layer, layer.adapters[name]

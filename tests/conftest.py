@@ -67,3 +67,9 @@ def nhwc(t):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+
+def micro_config():
+    from dod_jax.configs import load_config
+    return load_config(ROOT / "configs" / "micro.py")

@@ -33,9 +33,13 @@ def randomise_generator_b(model, seed=1, scale=0.05):
     """B is zero at init, which hides every adapter path; give it values as training would."""
     rng = np.random.default_rng(seed)
     for sub in (model.unet, model.vae):
-        for _, _, lora in adapters.adapted(sub, GENERATOR):
+        for lora in loras(sub, GENERATOR):
             b = lora.lora_B.kernel
             b.set_value(jnp.asarray(rng.standard_normal(b.shape) * scale, jnp.float32))
+    for _, _, delta in adapters.adapted(model.unet, GENERATOR):
+        if isinstance(delta, adapters.FullDelta):  # the trained conv_in
+            k = delta.delta.kernel
+            k.set_value(jnp.asarray(rng.standard_normal(k.shape) * scale, jnp.float32))
 
 
 def restore_fn(model):
@@ -87,7 +91,7 @@ def test_gradients_reach_exactly_the_stage_groups(stage, use_hde):
     assert not dead, f"no gradient reaches {dead}"
     other = "stage2" if stage == "stage1" else "stage1"
     assert not set(flat) & set(dict(nnx.to_flat_state(nnx.state(model, trainable(other)))))
-    assert not any(p[0] in ("adm",) or (p[0] in ("unet", "vae") and "adapters" not in p and p[:2] != ("unet", "conv_in"))
+    assert not any(p[0] in ("adm",) or (p[0] in ("unet", "vae") and "adapters" not in p)
                    for p in flat), "a frozen base weight is in the trained set"
 
 
@@ -106,7 +110,7 @@ def test_merged_clora_equals_unmerged_per_image_and_images_get_their_own_modulat
     @jax.jit
     def merged(state, image):
         m = nnx.merge(graphdef, state)
-        assert m.merge_generator(image) == len(m.unet_adapted) + len(m.vae_adapted)
+        assert m.merge_generator(image) == len(m.unet_adapted) + 1 + len(m.vae_adapted)  # + conv_in
         return m(image)
 
     for i in range(2):
@@ -127,26 +131,26 @@ def test_ablation_switches_change_the_structure():
 
     default = built()
     assert default.modulator.prompts.shape == (10, 64)
-    assert all(lora.film_key is not None for _, _, lora in adapters.adapted(default.unet, GENERATOR))
-    assert all(lora.film_key is None for _, _, lora in adapters.adapted(default.vae, GENERATOR))
+    assert all(lora.film_key is not None for lora in loras(default.unet, GENERATOR))
+    assert all(lora.film_key is None for lora in loras(default.vae, GENERATOR))
 
     plain = built(clora=False)
     assert plain.modulator is None
-    assert all(lora.film_key is None for _, _, lora in adapters.adapted(plain.unet, GENERATOR))
+    assert all(lora.film_key is None for lora in loras(plain.unet, GENERATOR))
 
     in_vae = built(clora_in_vae=True)
     assert in_vae.modulator.prompts.shape == (11, 64)
-    assert {lora.film_key for _, _, lora in adapters.adapted(in_vae.vae, GENERATOR)} == {10}
+    assert {lora.film_key for lora in loras(in_vae.vae, GENERATOR)} == {10}
 
     per_layer = built(prompts="layer")
     assert per_layer.modulator.prompts.shape == (len(per_layer.unet_adapted), 64)
-    assert sorted(lora.film_key for _, _, lora in adapters.adapted(per_layer.unet, GENERATOR)) == list(
+    assert sorted(lora.film_key for lora in loras(per_layer.unet, GENERATOR)) == list(
         range(len(per_layer.unet_adapted)))
 
     assert built(hde={"enabled": False, "skip_init": 0.0, "w_init": 1.0, "growth": 32}).hde is None
     for rank in (4, 16):
         m = built(rank=rank)
-        assert {lora.rank for _, _, lora in adapters.adapted(m.unet, GENERATOR)} == {rank}
+        assert {lora.rank for lora in loras(m.unet, GENERATOR)} == {rank}
         assert m.modulator.film.kernel.shape[-1] == 2 * rank
     with pytest.raises(ValueError, match="dod.prompts"):
         built(prompts="per_block")
@@ -174,3 +178,8 @@ def test_stage1_lora_counts_on_sd21_match_peft_rule_on_diffusers_unet():
     assert len(model.unet_adapted) == layers
     assert parameter_counts(model)["stage1/unet_clora"] == expected
     assert parameter_counts(model)["stage1/unet_conv_in"] == 4 * 320 * 9 + 320
+
+
+def loras(model, name):
+    """The (C)LoRA branches of adapter set `name` (the set also holds conv_in's full delta)."""
+    return [a for _, _, a in adapters.adapted(model, name) if isinstance(a, adapters.LoRA)]

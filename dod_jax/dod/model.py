@@ -64,6 +64,7 @@ class DOD(nnx.Module):
         spec = dict(rank=cfg.rank, alpha=cfg.alpha, literal_gamma=cfg.literal_gamma)
         self.unet_adapted = tuple(adapters.inject(unet, adapters.AdapterSpec(
             GENERATOR, tuple(cfg.unet_targets), film_key=unet_key if cfg.clora else None, **spec), rngs))
+        adapters.add_full_delta(unet, "conv_in", GENERATOR, rngs)  # the generator's trained conv_in
         self.vae_adapted = tuple(adapters.inject(vae, adapters.AdapterSpec(
             GENERATOR, tuple(cfg.vae_targets), scope="encoder.", film_key=vae_key, **spec), rngs))
         self.conditional = cfg.clora
@@ -148,8 +149,8 @@ def _under(*prefix):
 STAGE_GROUPS = {
     "stage1": {
         "modulator": _under("modulator"),
-        "unet_clora": nnx.All(_under("unet"), adapters.adapter_filter(GENERATOR)),
-        "unet_conv_in": _under("unet", "conv_in"),
+        "unet_clora": nnx.All(_under("unet"), nnx.Not(_under("unet", "conv_in")), adapters.adapter_filter(GENERATOR)),
+        "unet_conv_in": nnx.All(_under("unet", "conv_in"), adapters.adapter_filter(GENERATOR)),
         "vae_encoder_lora": nnx.All(_under("vae", "encoder"), adapters.adapter_filter(GENERATOR)),
     },
     "stage2": {

@@ -1,0 +1,132 @@
+"""Training checkpoints (orbax CheckpointManager), one directory per saved step:
+
+    state/   the whole TrainState: trained parameters, optimiser states, step, key, skip counters
+    params/  every DOD parameter either stage trains (stage 1's, plus stage 2's once it runs), as a
+             plain nested dict: what stage 2 starts from and what evaluation loads
+    data/    the input iterator's position (JSON)
+    meta/    stage, the config (JSON), the identity of the frozen base weights, the step's metrics
+
+Orbax writes each step into a temporary directory and renames it when complete, so an
+interrupted save leaves no half checkpoint; saves run in the background. The latest `keep`
+steps are kept, plus the step with the lowest logged loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
+
+from dod_jax.dod.model import STAGE_GROUPS, trainable
+
+ITEMS = ("state", "params", "data", "meta")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot continue or start this run; the message names it."""
+
+
+def all_trained(model) -> nnx.State:
+    """Every parameter some stage trains."""
+    return nnx.state(model, nnx.Any(*(trainable(s) for s in STAGE_GROUPS)))
+
+
+def file_identity(path: str | os.PathLike) -> dict:
+    """{path, bytes, sha256} of a weights file, or of each weights file in a folder."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".msgpack", ".json")) \
+        if path.is_dir() else [path]
+    out = []
+    for f in files:
+        digest = hashlib.sha256()
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+        out.append({"path": str(f.resolve()), "bytes": f.stat().st_size, "sha256": digest.hexdigest()})
+    return {"path": str(path.resolve()), "files": out}
+
+
+def same_base(a: dict, b: dict) -> bool:
+    """Two base identities name the same weights (same hashes, wherever the files now are)."""
+    digests = lambda identity: json.dumps(
+        {k: ([f["sha256"] for f in v["files"]] if isinstance(v, dict) and "files" in v else v)
+         for k, v in identity.items()}, sort_keys=True)
+    return digests(a) == digests(b)
+
+
+class Checkpoints:
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, *, read_only: bool = False):
+        self.directory = Path(directory).resolve()
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: no such checkpoint directory")
+        policy = policies.AnyPreservationPolicy([
+            policies.LatestN(n=keep),
+            policies.BestN(get_metric_fn=lambda metrics: metrics["loss"], reverse=True, n=1),
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only, create=not read_only)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, model, data_state: dict, meta: dict, metrics: dict[str, float]):
+        params = nnx.to_pure_dict(all_trained(model))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), params=ocp.args.StandardSave(params),
+            data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(dict(meta, step=step, metrics=metrics)))
+        finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+        self.manager.save(step, args=args, metrics=finite if "loss" in finite else None)
+
+    def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
+        """(state, data position, meta) of `step`, the state laid out like `abstract_state`."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+        return restored["state"], restored["data"], restored["meta"]
+
+    def meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
+
+
+def load_trained_params(model, path: str | os.PathLike, stages=("stage1",)) -> dict:
+    """Put the parameters of `stages` from a checkpoint into `model`; `path` is a run's
+    checkpoint directory (its latest step is used) or one step's directory. Returns its meta."""
+    path = Path(path).resolve()
+    if (path / "params").is_dir():
+        directory, step = path.parent, int(path.name)
+    else:
+        directory, step = path, None
+    checkpoints = Checkpoints(directory, read_only=True)
+    step = checkpoints.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"{directory}: holds no checkpoint")
+    wanted = nnx.state(model, nnx.Any(*(trainable(s) for s in stages)))
+    target = nnx.to_pure_dict(all_trained(model))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+    try:
+        restored = checkpoints.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{directory} step {step}: its trained parameters do not fit this model "
+                              f"(the config differs from the one it was trained with?): {e}") from e
+    nnx.replace_by_pure_dict(wanted, _same_keys(nnx.to_pure_dict(wanted), restored["params"]))
+    nnx.update(model, wanted)
+    return restored["meta"]
+
+
+def _same_keys(like: dict, source: dict) -> dict:
+    return {k: _same_keys(v, source[k]) if isinstance(v, dict) else source[k] for k, v in like.items()}

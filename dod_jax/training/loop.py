@@ -1,0 +1,282 @@
+"""A training run of one stage: model and data from the config, the sharded jitted step,
+checkpoints that resume exactly, progress, logs, TensorBoard scalars and sample images.
+
+    run(config, workdir)      (train.py is the command line around it)
+
+workdir/ receives checkpoints/ (dod_jax.training.checkpoints), log.jsonl (one line per logged
+step), tensorboard/, samples/step_XXXXXXX.png (LQ | restored | GT rows) and config.json. Running
+again with the same workdir continues from the latest checkpoint: same parameters, optimiser
+states, random keys and data position, so the continued run equals an uninterrupted one. A
+SIGTERM or Ctrl-C saves a checkpoint at the current step before exiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+from tqdm import tqdm
+
+from dod_jax import parallel
+from dod_jax.data import layouts
+from dod_jax.data.demo import write_demo_set
+from dod_jax.data.pipeline import STAGE1_RATIO, STAGE2_RATIO, TrainBatches, sources_from_pairs
+from dod_jax.dod.build import BaseModels, build_dod, load_base, random_base
+from dod_jax.losses.lpips import load_lpips
+from dod_jax.models.layers import NumpyRngs
+from dod_jax.training import checkpoints as ckpt
+from dod_jax.training.steps import Frozen, Stage, TrainState, add_fake_score
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+# ------------------------------------------------------------------------------- building
+
+def base_models(config) -> tuple[BaseModels, dict]:
+    """The frozen base and its identity (what a checkpoint records and a resume checks)."""
+    dtype = DTYPES[config.train.dtype]
+    if config.base.random_seed >= 0:
+        return random_base(config, config.base.random_seed, dtype=dtype), {"random_seed": config.base.random_seed}
+    missing = [k for k in ("sd", "adm", "prompts") if not config.base[k]]
+    if missing:
+        raise ValueError(f"config.base needs {missing} (an SD 2.1-base folder, the converted ADM file, the "
+                         "prompt embeddings), or base.random_seed >= 0 for random weights")
+    base = load_base(config.base.sd, config.base.adm, config.base.prompts, dtype=dtype, remat=config.train.remat)
+    return base, {k: ckpt.file_identity(config.base[k]) for k in ("sd", "adm", "prompts")}
+
+
+def training_model(config, base: BaseModels):
+    """DOD for `config.train.stage`: stage 1 adds the fake score; stage 2 starts from the
+    stage-1 checkpoint in train.init_from."""
+    model = build_dod(config, base, config.train.seed)
+    stage = config.train.stage
+    if stage == "stage1":
+        add_fake_score(model, base.prompt_embeddings["negative_prompt"], rank=config.train.fake_rank,
+                       targets=config.dod.unet_targets, rngs=NumpyRngs(config.train.seed + 2))
+    elif stage == "stage2":
+        if not config.train.init_from:
+            raise ValueError("stage 2 starts from a stage-1 run: set train.init_from to its checkpoints directory")
+        ckpt.load_trained_params(model, config.train.init_from, stages=("stage1",))
+    else:
+        raise ValueError(f"train.stage must be 'stage1' or 'stage2', got {stage!r}")
+    return model
+
+
+def task_ratio(config) -> dict[str, int]:
+    stage = config.train.stage
+    text = config.data[f"{stage}_ratio"]
+    if not text:
+        return dict(STAGE1_RATIO if stage == "stage1" else STAGE2_RATIO)
+    try:
+        return {t.strip(): int(n) for t, n in (item.split(":") for item in text.split(","))}
+    except ValueError as e:
+        raise ValueError(f"data.{stage}_ratio {text!r}: expected 'task:n,task:n'") from e
+
+
+def data_sources(config, workdir: Path, split: str = "train") -> dict[str, Any]:
+    if config.data.tfds_dir:
+        from dod_jax.data.tfds_builder import task_sources
+        return task_sources(config.data.layout, config.data.tfds_dir, split)
+    root, layout = config.data.root, config.data.layout
+    if root == "demo":
+        root, layout = demo_root(workdir), "aio5"
+    if not root:
+        raise ValueError("config.data needs root (a data folder, or 'demo') or tfds_dir")
+    return sources_from_pairs(layouts.checked_pairs(root, layout, split))
+
+
+def demo_root(workdir: Path) -> Path:
+    """The built-in demo set, written once next to the run (shared by a run's stages)."""
+    root = workdir.parent / "demo_data"
+    if not (root / "Train").is_dir():
+        if jax.process_index() == 0:
+            write_demo_set(root)
+        _barrier("demo_data")
+    return root
+
+
+def _barrier(name: str):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+# ---------------------------------------------------------------------------- the step
+
+@dataclasses.dataclass
+class CompiledStep:
+    step: Callable                 # (state, frozen, batch) -> (state, metrics, restored)
+    state_shardings: Any
+    frozen_shardings: Any
+
+
+def compile_step(stage: Stage, state: TrainState, frozen: Frozen, mesh, rules=None, shard_frozen=False) -> CompiledStep:
+    """stage.train_step under jax.jit on `mesh`: trained state replicated and donated, the
+    frozen model replicated (or sharded by `rules` when shard_frozen), the batch split over
+    ('data', 'fsdp')."""
+    state_sh = parallel.tree_shardings(state, mesh)
+    frozen_sh = Frozen(parallel.tree_shardings(frozen.model, mesh, rules if shard_frozen else None),
+                       parallel.tree_shardings(frozen.lpips, mesh))
+    batch_sh = parallel.batch_sharding(mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step = jax.jit(stage.train_step, in_shardings=(state_sh, frozen_sh, batch_sh),
+                   out_shardings=(state_sh, replicated, batch_sh), donate_argnums=(0,))
+    return CompiledStep(step, state_sh, frozen_sh)
+
+
+def place(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: np.asarray(x)[idx]),
+                        tree, shardings)
+
+
+# ------------------------------------------------------------------------------- the run
+
+def run(config, workdir, *, stop_at: int | None = None) -> dict:
+    """Train `config.train.stage` in `workdir` up to train.steps (or stop_at, for tests and
+    staged runs), continuing from the latest checkpoint there. Returns a summary."""
+    parallel.initialize_distributed(config.parallel.coordinator, config.parallel.num_processes,
+                                    config.parallel.process_id)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    lead = jax.process_index() == 0
+    tc = config.train
+    mesh = parallel.make_mesh(config.parallel.data, config.parallel.fsdp)
+
+    base, identity = base_models(config)
+    model = training_model(config, base)
+    lpips = load_lpips(tc.lpips_weights) if tc.stage == "stage1" else None
+    stage, state, frozen = Stage.create(model, tc, lpips)
+    compiled = compile_step(stage, state, frozen, mesh, parallel.rules_dict(config.parallel.rules),
+                            config.parallel.shard_frozen)
+    frozen = place(frozen, compiled.frozen_shardings)
+
+    batches = TrainBatches(data_sources(config, workdir), task_ratio(config), crop=tc.crop, units=tc.units,
+                           seed=tc.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    iterator = batches.iterator(tc.steps)
+    checkpoints = ckpt.Checkpoints(workdir / "checkpoints", tc.keep)
+    meta = {"stage": tc.stage, "config": json.loads(config.to_json()), "base": identity, "mesh": dict(mesh.shape)}
+    start = checkpoints.latest_step() or 0
+    if start:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                state, compiled.state_shardings)
+        state, data_state, saved = checkpoints.restore(start, abstract)
+        if saved["stage"] != tc.stage or not ckpt.same_base(saved["base"], identity):
+            raise ckpt.CheckpointError(f"{checkpoints.directory} step {start} belongs to a {saved['stage']} run on "
+                                       f"base {saved['base']}, not this {tc.stage} run on {identity}")
+        iterator.set_state(data_state)
+    else:
+        state = place(state, compiled.state_shardings)
+    if lead:
+        (workdir / "config.json").write_text(config.to_json(indent=2))
+
+    end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
+    logger = RunLogger(workdir, lead, batches.tasks)
+    stop = StopSignal()
+    metrics, losses, step = {}, [], start
+    progress = tqdm(range(start, end), initial=start, total=end, desc=tc.stage, disable=not lead, dynamic_ncols=True)
+    try:
+        for step in progress:
+            local = next(iterator)
+            batch = parallel.global_batch({"lq": local["lq"], "gt": local["gt"]}, mesh)
+            state, metrics, restored = compiled.step(state, frozen, batch)
+            done = step + 1
+            if done % tc.log_every == 0 or done == end:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                losses.append(values["loss"])
+                progress.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "mse", "dmd", "ssim")})
+                logger.scalars(done, values)
+            if done % tc.sample_every == 0 or done == end:
+                logger.samples(done, local, restored)
+            if done % tc.checkpoint_every == 0 or done == end or stop.requested:
+                save(checkpoints, done, state, stage, frozen, iterator, meta, metrics)
+            if stop.requested:
+                break
+    finally:
+        stop.restore()
+        checkpoints.wait()
+        checkpoints.close()
+        logger.close()
+    return {"stage": tc.stage, "start": start, "step": int(state.step), "losses": losses,
+            "skipped": int(state.skipped), "fake_skipped": int(state.fake_skipped),
+            "workdir": str(workdir), "interrupted": stop.requested}
+
+
+def save(checkpoints, step, state, stage: Stage, frozen, iterator, meta, metrics):
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    checkpoints.save(step, state, stage.merge(state, frozen), iterator.get_state(), meta, values)
+
+
+class StopSignal:
+    """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint and stops at the step's end."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write(f"signal {signum}: saving a checkpoint after this step")
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class RunLogger:
+    """log.jsonl, TensorBoard scalars and images, sample sheets; process 0 only."""
+
+    def __init__(self, workdir: Path, lead: bool, tasks: tuple[str, ...]):
+        self.workdir, self.lead, self.tasks = workdir, lead, tasks
+        self.writer = None
+        if lead:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+            (workdir / "samples").mkdir(exist_ok=True)
+        self.started = time.time()
+
+    def scalars(self, step: int, values: dict[str, float]):
+        if not self.lead:
+            return
+        record = dict(step=step, time=round(time.time() - self.started, 2), **values)
+        with open(self.workdir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in values.items():
+            self.writer.add_scalar(f"train/{k}", v, step)
+        if not np.isfinite(values.get("loss", 0.0)):
+            tqdm.write(f"step {step}: non-finite loss {values['loss']}; the update was skipped "
+                       f"({int(values.get('skipped', 0))} skipped so far)")
+
+    def samples(self, step: int, local: dict, restored):
+        """LQ | restored | GT rows for the first sample of each task of process 0's rows (a
+        collective: every process calls it)."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            restored = multihost_utils.process_allgather(restored, tiled=True)
+        if not self.lead:
+            return
+        rows_restored = np.asarray(restored)[:len(local["lq"])]
+        firsts = [int(np.argmax(local["task"] == t)) for t in range(len(self.tasks)) if (local["task"] == t).any()]
+        rows = [np.concatenate([local["lq"][i], rows_restored[i], local["gt"][i]], axis=1) for i in firsts]
+        sheet = to_uint8(np.concatenate(rows, axis=0))
+        Image.fromarray(sheet).save(self.workdir / "samples" / f"step_{step:07d}.png")
+        self.writer.add_image("samples/lq_restored_gt", sheet, step, dataformats="HWC")
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def to_uint8(image) -> np.ndarray:
+    """[-1, 1] floats -> uint8."""
+    return np.clip(np.round((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)

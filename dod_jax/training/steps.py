@@ -1,0 +1,246 @@
+"""The two training stages as pure functions over split model state.
+
+Stage 1 trains M_theta, the UNet CLoRA, the UNet conv_in and the VAE-encoder LoRA:
+    L_gen  = l_l2 MSE(I, I_hq) + l_lpips LPIPS(I, I_hq) + l_dmd L_dmd(z)      (decoder without DEMs)
+    L_fake = epsilon-MSE of the fake score (the UNet with the FAKE LoRA set) on stopgrad(z)
+with one AdamW per update (generator; fake score). Stage 2 trains the HDE (skip convs, DEMs):
+    L = MSE(I, I_hq) + l_ssim (1 - SSIM(I, I_hq))                             (decoder with DEMs)
+
+The model is split once into what the stage trains, the fake LoRA (stage 1) and everything
+frozen; each update is one function `(state, frozen, batch) -> (state, metrics)` meant for
+jax.jit with the state donated. A batch may be split into `micro_batches` whose gradients
+are averaged (the same result as the whole batch, as every loss term is a mean over equal
+micro-batches and every random draw follows one key per sample). An update whose loss or
+gradients are not finite changes nothing but its counter (`skipped`, `fake_skipped`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from dod_jax import adapters
+from dod_jax.dod.model import DOD, PromptEmbedding, trainable
+from dod_jax.losses.dmd import dmd_loss, fake_score_loss
+from dod_jax.losses.ssim import ssim
+
+FAKE = "fake"  # the fake score's LoRA set on the shared UNet
+
+LOSS_WEIGHTS = {  # REFERENCE.md: the authors' code and the paper differ
+    "code": {"l2": 2.0, "lpips": 5.0, "dmd": 1.0, "ssim": 0.1},
+    "paper": {"l2": 1.0, "lpips": 2.0, "dmd": 1.0, "ssim": 0.2},
+}
+
+
+def loss_weights(train_cfg) -> dict[str, float]:
+    """The preset `train_cfg.loss_weights` ('code' or 'paper'), with any weight set explicitly
+    in `train_cfg.weights` taking precedence."""
+    if train_cfg.loss_weights not in LOSS_WEIGHTS:
+        raise ValueError(f"train.loss_weights must be one of {sorted(LOSS_WEIGHTS)}, got {train_cfg.loss_weights!r}")
+    weights = dict(LOSS_WEIGHTS[train_cfg.loss_weights])
+    weights.update({k: float(v) for k, v in train_cfg.weights.items() if v is not None})
+    return weights
+
+
+def optimizer(lr: float, weight_decay: float, clip: float | None, b1: float = 0.9, b2: float = 0.999):
+    """AdamW with a constant learning rate after global-norm clipping (None: no clipping)."""
+    adamw = optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay)
+    return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip else adamw
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a stage updates; a checkpoint holds exactly this (plus the data position)."""
+    step: jax.Array
+    params: Any               # nnx.State of what the stage trains
+    opt_state: Any
+    fake_params: Any          # stage 1: the fake LoRA; stage 2: an empty nnx.State
+    fake_opt_state: Any       # stage 2: ()
+    key: jax.Array            # uint32 raw key data (checkpointable); steps fold the step number in
+    skipped: jax.Array        # generator updates dropped for a non-finite loss or gradient
+    fake_skipped: jax.Array
+
+
+@dataclasses.dataclass
+class Frozen:
+    """What the steps read but never change."""
+    model: Any                # nnx.State of the rest of the DOD model (base weights, other stage's parts)
+    lpips: Any                # nnx.State of the LPIPS network (stage 1), or None
+
+
+jax.tree_util.register_dataclass(Frozen, data_fields=["model", "lpips"], meta_fields=[])
+
+
+def split_filters(stage: str):
+    """(trained, fake) NNX filters. The fake LoRA comes first in nnx.split, so no stage filter
+    can claim it."""
+    return trainable(stage), nnx.All(nnx.Param, adapters.adapter_filter(FAKE))
+
+
+@dataclasses.dataclass
+class Stage:
+    """The update functions of one stage for one model structure."""
+    stage: str
+    graphdef: Any
+    lpips_graphdef: Any
+    weights: dict[str, float]
+    gen_tx: Any
+    fake_tx: Any
+    micro_batches: int = 1
+    fake_updates: int = 1
+
+    # --------------------------------------------------------------------------- set-up
+
+    @classmethod
+    def create(cls, model: DOD, train_cfg, lpips=None) -> tuple["Stage", TrainState, Frozen]:
+        """Split `model` (carrying the FAKE set in stage 1) and `lpips` into the state the stage
+        updates and the frozen rest."""
+        stage = train_cfg.stage
+        trained, fake = split_filters(stage)
+        graphdef, fake_params, params, frozen = nnx.split(model, fake, trained, ...)
+        weights = loss_weights(train_cfg)
+        stage1 = stage == "stage1"
+        if stage1 and (not jax.tree.leaves(fake_params) or getattr(model, "negative_prompt", None) is None):
+            raise ValueError("stage 1 needs the fake score's LoRA set and the negative prompt on the model "
+                             "(dod_jax.training.steps.add_fake_score)")
+        if stage1 and weights["lpips"] and lpips is None:
+            raise ValueError("stage 1 with an LPIPS weight needs the LPIPS network (train.lpips_weights)")
+        lpips_graphdef, lpips_state = nnx.split(lpips) if lpips is not None else (None, None)
+        gen_tx = optimizer(train_cfg.lr, train_cfg.weight_decay, train_cfg.clip, *train_cfg.betas)
+        fake_tx = optimizer(train_cfg.fake_lr, train_cfg.weight_decay, train_cfg.fake_clip, *train_cfg.betas)
+        self = cls(stage, graphdef, lpips_graphdef, weights, gen_tx, fake_tx, train_cfg.micro_batches,
+                   train_cfg.fake_updates if stage1 else 0)
+        state = TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=gen_tx.init(params),
+            fake_params=fake_params, fake_opt_state=fake_tx.init(fake_params) if stage1 else (),
+            key=jax.random.key_data(jax.random.key(train_cfg.seed)),
+            skipped=jnp.zeros((), jnp.int32), fake_skipped=jnp.zeros((), jnp.int32))
+        return self, state, Frozen(frozen, lpips_state)
+
+    def merge(self, state: TrainState, frozen: Frozen) -> DOD:
+        """The DOD model holding the state's parameters."""
+        return nnx.merge(self.graphdef, state.fake_params, state.params, frozen.model)
+
+    # ------------------------------------------------------------------------------ losses
+
+    def generator_loss(self, params, fake_params, frozen: Frozen, batch, keys):
+        """(loss, (metrics, (latent x0, restored images))) on one (micro-)batch."""
+        model = nnx.merge(self.graphdef, fake_params, params, frozen.model)
+        lq, gt = batch["lq"], batch["gt"]
+        pairs = jax.vmap(jax.random.split)(keys)
+        latent_keys, dmd_keys = pairs[:, 0], pairs[:, 1]
+        film = model.film(lq)
+        z, skips = model.encode(lq, film, latent_keys)
+        x0 = model.generate_latent(z, film)
+        restored = model.decode(x0, skips, use_hde=self.stage == "stage2")
+        w = self.weights
+        metrics = {"mse": jnp.mean((restored - gt.astype(jnp.float32)) ** 2)}
+        if self.stage == "stage1":
+            loss = w["l2"] * metrics["mse"]
+            if w["lpips"]:
+                metrics["lpips"] = nnx.merge(self.lpips_graphdef, frozen.lpips)(restored, gt).mean()
+                loss = loss + w["lpips"] * metrics["lpips"]
+            if w["dmd"]:
+                prompt = jnp.broadcast_to(model.prompt_embedding[...], (lq.shape[0],) + model.prompt_embedding.shape)
+                negative = jnp.broadcast_to(model.negative_prompt[...], prompt.shape)
+                metrics["dmd"] = dmd_loss(model.unet, model.schedule, x0, dmd_keys, prompt.astype(model.unet.dtype),
+                                          negative.astype(model.unet.dtype), fake_set=FAKE)
+                loss = loss + w["dmd"] * metrics["dmd"]
+        else:
+            metrics["ssim"] = ssim(restored, gt, data_range=2.0).mean()
+            loss = metrics["mse"] + w["ssim"] * (1.0 - metrics["ssim"])
+        metrics["loss"] = loss
+        return loss, (metrics, jax.lax.stop_gradient((x0, restored)))
+
+    def fake_loss(self, fake_params, params, frozen: Frozen, batch, keys):
+        model = nnx.merge(self.graphdef, fake_params, params, frozen.model)
+        x0 = batch["x0"]
+        prompt = jnp.broadcast_to(model.prompt_embedding[...], (x0.shape[0],) + model.prompt_embedding.shape)
+        loss = fake_score_loss(model.unet, model.schedule, x0, keys, prompt.astype(model.unet.dtype), fake_set=FAKE)
+        return loss, ({"fake_loss": loss}, None)
+
+    # ----------------------------------------------------------------------------- updates
+
+    def sample_keys(self, state: TrainState, purpose: int, batch_size: int):
+        """One key per sample of the global batch, from (run key, step, purpose)."""
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step), purpose)
+        return jax.random.split(key, batch_size)
+
+    def generator_update(self, state: TrainState, frozen: Frozen, batch):
+        """One generator (stage 1) or HDE (stage 2) update -> (state, metrics, (x0 latents,
+        restored images)), the outputs of the forward pass before the update."""
+        keys = self.sample_keys(state, 0, batch["lq"].shape[0])
+        loss_fn = lambda p, b, k: self.generator_loss(p, state.fake_params, frozen, b, k)
+        grads, metrics, outputs = accumulate(loss_fn, state.params, batch, keys, self.micro_batches)
+        params, opt_state, finite = apply_if_finite(self.gen_tx, grads, metrics["loss"], state.params, state.opt_state)
+        metrics["skipped"] = state.skipped + (1 - finite)
+        return state.replace(params=params, opt_state=opt_state, skipped=metrics["skipped"]), metrics, outputs
+
+    def fake_update(self, state: TrainState, frozen: Frozen, x0, round_: int = 0):
+        """One update of the fake score's LoRA on detached generator latents."""
+        keys = self.sample_keys(state, 1 + round_, x0.shape[0])
+        loss_fn = lambda f, b, k: self.fake_loss(f, state.params, frozen, b, k)
+        grads, metrics, _ = accumulate(loss_fn, state.fake_params, {"x0": x0}, keys, self.micro_batches)
+        fake, fake_opt, finite = apply_if_finite(self.fake_tx, grads, metrics["fake_loss"], state.fake_params,
+                                                 state.fake_opt_state)
+        metrics["fake_skipped"] = state.fake_skipped + (1 - finite)
+        return state.replace(fake_params=fake, fake_opt_state=fake_opt, fake_skipped=metrics["fake_skipped"]), metrics
+
+    def train_step(self, state: TrainState, frozen: Frozen, batch):
+        """A whole step: the generator update, then `fake_updates` fake-score updates (stage 1);
+        the step counter advances once. -> (state, metrics, restored images of the batch)."""
+        state, metrics, (x0, restored) = self.generator_update(state, frozen, batch)
+        for r in range(self.fake_updates):
+            state, fake_metrics = self.fake_update(state, frozen, x0, r)
+            metrics.update(fake_metrics)
+        return state.replace(step=state.step + 1), metrics, restored
+
+
+def add_fake_score(model: DOD, negative_prompt, *, rank: int, targets, rngs) -> DOD:
+    """Give `model` what stage 1's DMD needs: the fake score's LoRA set (FAKE, rank `rank`, on
+    the UNet layers ending in `targets`, B zero so the fake score starts as the base UNet) and
+    the real score's negative prompt embedding."""
+    adapters.inject(model.unet, adapters.AdapterSpec(FAKE, tuple(targets), rank=rank), rngs)
+    model.negative_prompt = PromptEmbedding(jnp.asarray(negative_prompt, jnp.float32))
+    return model
+
+
+def accumulate(loss_fn: Callable, params, batch: dict, keys, micro_batches: int):
+    """Gradients of loss_fn(params, batch, keys) -> (loss, (metrics, out)) averaged over
+    `micro_batches` equal slices of the batch (a lax.scan, so one slice's activations live at a
+    time); metrics averaged, `out` concatenated."""
+    if micro_batches == 1:
+        grads, (metrics, out) = jax.grad(loss_fn, has_aux=True)(params, batch, keys)
+        return grads, metrics, out
+    n = keys.shape[0]
+    if n % micro_batches:
+        raise ValueError(f"a batch of {n} does not split into {micro_batches} micro-batches")
+    split = lambda x: x.reshape((micro_batches, n // micro_batches) + x.shape[1:])
+    sliced = jax.tree.map(split, (batch, keys))
+
+    def body(total, piece):
+        grads, (metrics, out) = jax.grad(loss_fn, has_aux=True)(params, *piece)
+        total = jax.tree.map(jnp.add, total, (grads, metrics))
+        return total, out
+
+    first = jax.tree.map(lambda x: x[0], sliced)
+    grad_shapes, (metric_shapes, _) = jax.eval_shape(lambda: jax.grad(loss_fn, has_aux=True)(params, *first))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shapes, metric_shapes))
+    (grads, metrics), outs = jax.lax.scan(body, zeros, sliced)
+    grads, metrics = jax.tree.map(lambda x: x / micro_batches, (grads, metrics))
+    out = None if outs is None else jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), outs)
+    return grads, metrics, out
+
+
+def apply_if_finite(tx, grads, loss, params, opt_state):
+    """(params, opt_state, 1) after the update, or the unchanged inputs and 0 when the loss or
+    any gradient is not finite."""
+    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state), finite.astype(jnp.int32)
