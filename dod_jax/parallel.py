@@ -77,10 +77,11 @@ def tree_shardings(tree, mesh: Mesh, rules: Mapping[str, str | None] | None = No
 
 
 def _last_name(path) -> str:
+    """The parameter's own name ('kernel', 'bias', ...): the last dict key of its pytree path
+    (NNX Variables add a trailing `.value` attribute, which is skipped)."""
     for entry in reversed(path):
-        key = getattr(entry, "key", getattr(entry, "name", None))
-        if isinstance(key, str):
-            return key
+        if isinstance(getattr(entry, "key", None), str):
+            return entry.key
     return ""
 
 

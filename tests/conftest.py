@@ -11,6 +11,10 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Eight virtual CPU devices for the sharding tests (set before JAX starts); computations not
+# placed on a mesh run on the first device as before.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +66,19 @@ def nchw(x):
 
 def nhwc(t):
     return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent compilation cache per test session: runs that compile the same step
+    (a resumed run, the demo's subprocess) load it instead of compiling again."""
+    import jax
+    directory = str(tmp_path_factory.mktemp("jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory  # for subprocesses
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "2"
+    return directory
 
 
 @pytest.fixture

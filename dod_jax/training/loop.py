@@ -22,7 +22,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
@@ -149,7 +148,8 @@ def run(config, workdir, *, stop_at: int | None = None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
     tc = config.train
-    mesh = parallel.make_mesh(config.parallel.data, config.parallel.fsdp)
+    devices = jax.devices()[:config.parallel.devices] if config.parallel.devices else jax.devices()
+    mesh = parallel.make_mesh(config.parallel.data, config.parallel.fsdp, devices)
 
     base, identity = base_models(config)
     model = training_model(config, base)
@@ -161,17 +161,21 @@ def run(config, workdir, *, stop_at: int | None = None) -> dict:
 
     batches = TrainBatches(data_sources(config, workdir), task_ratio(config), crop=tc.crop, units=tc.units,
                            seed=tc.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    if (batches.batch_size * jax.process_count()) % mesh.size:
+        raise ValueError(f"a global batch of {batches.batch_size * jax.process_count()} does not split over "
+                         f"{mesh.size} devices: change train.units, the task ratio or parallel.devices")
     iterator = batches.iterator(tc.steps)
     checkpoints = ckpt.Checkpoints(workdir / "checkpoints", tc.keep)
     meta = {"stage": tc.stage, "config": json.loads(config.to_json()), "base": identity, "mesh": dict(mesh.shape)}
     start = checkpoints.latest_step() or 0
     if start:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                state, compiled.state_shardings)
-        state, data_state, saved = checkpoints.restore(start, abstract)
+        saved = checkpoints.meta(start)
         if saved["stage"] != tc.stage or not ckpt.same_base(saved["base"], identity):
             raise ckpt.CheckpointError(f"{checkpoints.directory} step {start} belongs to a {saved['stage']} run on "
                                        f"base {saved['base']}, not this {tc.stage} run on {identity}")
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                state, compiled.state_shardings)
+        state, data_state, _ = checkpoints.restore(start, abstract)
         iterator.set_state(data_state)
     else:
         state = place(state, compiled.state_shardings)

@@ -238,9 +238,14 @@ def accumulate(loss_fn: Callable, params, batch: dict, keys, micro_batches: int)
 
 def apply_if_finite(tx, grads, loss, params, opt_state):
     """(params, opt_state, 1) after the update, or the unchanged inputs and 0 when the loss or
-    any gradient is not finite."""
-    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    updates, new_opt = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jnp.where(finite, new, old)
-    return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state), finite.astype(jnp.int32)
+    any gradient is not finite. A NaN or an infinity anywhere makes the gradients' global norm
+    non-finite, so one scalar decides; lax.cond keeps the update out of the skipped branch."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+
+    def update(operands):
+        params, opt_state = operands
+        updates, new_opt = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt
+
+    params, opt_state = jax.lax.cond(finite, update, lambda operands: operands, (params, opt_state))
+    return params, opt_state, finite.astype(jnp.int32)

@@ -1,0 +1,183 @@
+"""The training stages on the micro config: a step sharded over 8 virtual devices equals the
+step on one, micro-batches equal the whole batch, non-finite updates are skipped, a stopped run
+resumes exactly, and stage 2 starts from stage 1's checkpoint."""
+
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from conftest import micro_config
+from dod_jax import parallel
+from dod_jax.dod.model import trainable
+from dod_jax.training import checkpoints as ckpt
+from dod_jax.training.loop import base_models, compile_step, place, run, training_model
+from dod_jax.training.steps import LOSS_WEIGHTS, Stage, loss_weights
+from dod_jax.losses.lpips import LPIPS
+from dod_jax.models.layers import NumpyRngs
+
+
+def setup(stage: str, **train):
+    config = micro_config()
+    config.train.stage = stage
+    config.train.update(train)
+    base, _ = base_models(config)
+    if stage == "stage1":
+        model = training_model(config, base)
+    else:
+        from dod_jax.dod.build import build_dod
+        model = build_dod(config, base, config.train.seed)
+    lpips = LPIPS(rngs=NumpyRngs(3)) if stage == "stage1" else None
+    return Stage.create(model, config.train, lpips)
+
+
+def batch_of(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    gt = rng.uniform(-1, 1, (n, 32, 32, 3)).astype(np.float32)
+    return {"lq": np.clip(gt + rng.normal(0, 0.2, gt.shape), -1, 1).astype(np.float32), "gt": gt}
+
+
+def one_step(compiled, state, frozen, batch, mesh):
+    state = place(state, compiled.state_shardings)
+    frozen = place(frozen, compiled.frozen_shardings)
+    new_state, metrics, restored = compiled.step(state, frozen, parallel.global_batch(batch, mesh))
+    return jax.device_get((new_state, metrics, restored)), new_state
+
+
+def assert_adam_steps_agree(a, b, lr):
+    """Parameters after one Adam step from the same start, computed in two ways. Adam's first step
+    moves a parameter by lr * g / (|g| + eps): by lr * sign(g) where |g| >> eps, in proportion to g
+    where |g| is near eps = 1e-8. So rounding shows only where gradients are that small (or flips a
+    sign where they are at rounding level); everywhere else the steps agree."""
+    diffs = np.concatenate([np.abs(np.asarray(x) - np.asarray(y)).ravel() for x, y in zip(jax.tree.leaves(a),
+                                                                                         jax.tree.leaves(b))])
+    assert np.mean(diffs < 1e-5) > 0.999 and diffs.max() <= 2.1 * lr, (np.mean(diffs < 1e-5), diffs.max())
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_a_step_on_8_devices_equals_the_step_on_one(stage):
+    assert jax.device_count() == 8, "conftest sets 8 virtual CPU devices"
+    stage_obj, state, frozen = setup(stage)
+    batch = batch_of(8)  # one row per device
+    one_mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    (one, metrics1, restored1), _ = one_step(compile_step(stage_obj, state, frozen, one_mesh), state, frozen, batch,
+                                             one_mesh)
+    mesh = parallel.make_mesh(data=4, fsdp=2)
+    rules = parallel.rules_dict(micro_config().parallel.rules)
+    compiled = compile_step(stage_obj, state, frozen, mesh, rules, shard_frozen=True)
+    (eight, metrics8, restored8), placed = one_step(compiled, state, frozen, batch, mesh)
+
+    # where things live: trained state replicated, the frozen base FSDP-sharded by the rules
+    assert all(s.spec == P() for s in jax.tree.leaves(compiled.state_shardings))
+    frozen_specs = {"/".join(map(str, p)): s.spec for p, s in nnx.to_flat_state(compiled.frozen_shardings.model)}
+    conv = frozen_specs["unet/down_blocks/0/resnets/0/conv1/kernel"]
+    assert conv == P(None, None, None, "fsdp")
+    assert frozen_specs["unet/down_blocks/0/resnets/0/conv1/bias"] == P(None)
+    assert any("fsdp" in s for s in frozen_specs.values() if len(s) == 2)  # linear kernels too
+    assert parallel.batch_sharding(mesh).spec == P(("data", "fsdp"))
+    assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(placed.params))
+
+    for k in metrics1:
+        np.testing.assert_allclose(metrics8[k], metrics1[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(restored8, restored1, atol=2e-5)
+    assert_adam_steps_agree(eight.params, one.params, micro_config().train.lr)
+    assert int(eight.step) == int(one.step) == 1
+
+
+def test_micro_batches_equal_the_whole_batch_and_non_finite_updates_are_skipped():
+    stage_obj, state, frozen = setup("stage2")
+    whole, _, _ = jax.jit(stage_obj.train_step)(state, frozen, batch_of(6))
+    split = Stage(**{**stage_obj.__dict__, "micro_batches": 3})
+    step = jax.jit(split.train_step)
+    parts, metrics, restored = step(state, frozen, batch_of(6))
+    assert_adam_steps_agree(parts.params, whole.params, micro_config().train.lr)
+    assert restored.shape == (6, 32, 32, 3)
+
+    poisoned = batch_of(6)
+    poisoned["lq"][2, 5, 5, 0] = np.nan
+    after, metrics, _ = step(parts, frozen, poisoned)
+    assert not np.isfinite(float(metrics["loss"])) and int(after.skipped) == 1
+    for a, b in zip(jax.tree.leaves((after.params, after.opt_state)), jax.tree.leaves((parts.params, parts.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(after.step) == 2  # the step counts; the update does not happen
+
+
+def test_loss_weight_presets():
+    config = micro_config()
+    assert loss_weights(config.train) == LOSS_WEIGHTS["code"] == {"l2": 2.0, "lpips": 5.0, "dmd": 1.0, "ssim": 0.1}
+    config.train.loss_weights = "paper"
+    config.train.weights.ssim = 0.5
+    assert loss_weights(config.train) == {"l2": 1.0, "lpips": 2.0, "dmd": 1.0, "ssim": 0.5}
+    config.train.loss_weights = "papers"
+    with pytest.raises(ValueError, match="code.*paper"):
+        loss_weights(config.train)
+
+
+def run_config(stage="stage1", **train):
+    config = micro_config()
+    config.train.update(dict(stage=stage, steps=5, log_every=1, sample_every=5, checkpoint_every=2, keep=2), **train)
+    config.parallel.devices = 1
+    return config
+
+
+def test_a_stopped_run_resumes_exactly_and_stage_2_starts_from_its_parameters(tmp_path):
+    config = run_config()
+    straight = run(config, tmp_path / "straight")
+    first = run(config, tmp_path / "resumed", stop_at=3)
+    assert first["step"] == 3 and first["losses"] == straight["losses"][:3]
+    second = run(config, tmp_path / "resumed")
+    assert second["start"] == 3 and second["step"] == 5
+    assert second["losses"] == straight["losses"][3:]  # bit for bit: same keys, data and compiled step
+    final = lambda name: ckpt.Checkpoints(tmp_path / name / "checkpoints", read_only=True)
+    a, b = final("straight"), final("resumed")
+    assert a.latest_step() == b.latest_step() == 5
+    pa, pb = (c.manager.restore(5, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
+              for c in (a, b))
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # keep 2 latest plus the best: never more than 3 steps on disk
+    assert len(list((tmp_path / "straight" / "checkpoints").glob("[0-9]*"))) <= 3
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    assert (tmp_path / "straight" / "samples" / "step_0000005.png").is_file()
+    assert list((tmp_path / "straight" / "tensorboard").glob("events.out.tfevents.*"))
+
+    # stage 2 from the stage-1 run: its model holds stage 1's trained parameters (the main job's
+    # test below trains it)
+    stage2 = run_config("stage2", steps=2, init_from=str(tmp_path / "straight" / "checkpoints"))
+    base, _ = base_models(stage2)
+    model = training_model(stage2, base)
+    restored = nnx.to_flat_state(nnx.state(model, trainable("stage1")))
+    for path, value in restored:
+        saved = pa
+        for key in path:
+            saved = saved[str(key)]
+        np.testing.assert_array_equal(np.asarray(value[...]), np.asarray(saved))
+
+    with pytest.raises(ckpt.CheckpointError, match="stage1 run"):
+        run(stage2, tmp_path / "straight")  # a stage-1 run directory cannot continue as stage 2
+
+
+def test_the_main_job_trains_both_stages_and_evaluates_against_the_lq_baseline(tmp_path):
+    """`make demo`'s command on the micro config with a few steps per stage."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    result = subprocess.run([sys.executable, "-m", "dod_jax.demo", f"--workdir={tmp_path}",
+                             f"--config={ROOT / 'configs' / 'micro.py'}", "--stage1-steps=2", "--stage2-steps=2"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["training"]) == {"stage1", "stage2"}
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert {r["task"] for r in results["images"]} == {"dehaze", "derain", "denoise"}
+    for row in results["images"]:
+        assert 5 < row["lq_psnr"] < 40 and 0 < row["dod_ssim"] <= 1 and row["dod_lpips"] >= 0
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert "| average | LQ |" in table and "| average | DOD |" in table
+    assert len(list((tmp_path / "eval").glob("*.png"))) == len(results["images"])
+    assert (tmp_path / "stage2" / "checkpoints" / "2" / "params").is_dir()
