@@ -5,7 +5,7 @@ Running again with the same workdir continues from its latest checkpoint."""
 
 import json
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dod_jax.training.loop import run
@@ -18,6 +18,7 @@ STOP_AT = flags.DEFINE_integer("stop_at", None, "stop (with a checkpoint) after 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax reports every save step at INFO
     summary = run(CONFIG.value, WORKDIR.value, stop_at=STOP_AT.value)
     print(json.dumps(summary))
 

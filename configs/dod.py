@@ -4,7 +4,7 @@ switches here (REFERENCE.md lists where paper and code differ)."""
 
 from pathlib import Path
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 from configs import sd21_base
 
@@ -27,7 +27,7 @@ def get_config() -> ConfigDict:
     })
     config.dod = ConfigDict({
         "rank": 8,                  # LoRA rank r (paper Table 6: 4 / 8 / 16)
-        "alpha": None,              # None: alpha = rank, scale 1 (the code)
+        "alpha": config_dict.placeholder(float),  # None: alpha = rank, scale 1 (the code)
         "clora": True,              # False: plain LoRA in the UNet (ablation, Table 4)
         "clora_in_vae": False,      # True: the VAE-encoder LoRA is conditional too (Table 5)
         "literal_gamma": False,     # False: gamma = 1 + M_theta output; True: gamma = output (paper's literal form)
@@ -69,7 +69,8 @@ def get_config() -> ConfigDict:
         "lr": 5e-5, "fake_lr": 5e-5, "betas": (0.9, 0.999), "weight_decay": 1e-2,
         "clip": 1.0, "fake_clip": 1.0,
         "loss_weights": "code",     # code: l2 2, lpips 5, dmd 1, ssim 0.1; paper: 1, 2, 1, 0.2
-        "weights": {"l2": None, "lpips": None, "dmd": None, "ssim": None},  # explicit overrides
+        # explicit overrides of single weights (typed placeholders, so --config.train.weights.lpips=0 works)
+        "weights": {k: config_dict.placeholder(float) for k in ("l2", "lpips", "dmd", "ssim")},
         "fake_updates": 1,          # fake-score updates per generator update
         "fake_rank": 8,
         "lpips_weights": str(LPIPS_WEIGHTS),  # make writes it (README: LPIPS)

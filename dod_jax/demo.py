@@ -6,7 +6,8 @@
 2. trains stage 1 (CLoRA, M_theta, conv_in, encoder LoRA with MSE + LPIPS + DMD) and then
    stage 2 (skip convs and DEMs with MSE + SSIM) of the config's DOD on it, with checkpoints,
    logs, TensorBoard scalars and sample sheets under workdir/stage1 and workdir/stage2;
-3. evaluates the trained model on the demo test photos (dehaze, derain, denoise at sigma 25)
+3. evaluates the trained model on the demo test photos (dehaze, derain, denoise at sigma
+   15 / 25 / 50)
    with the LQ input as baseline: PSNR and SSIM (RGB, no border crop, [0, 1]) and LPIPS-VGG,
    written as workdir/eval/results.json, results.md and LQ | restored | GT sheets.
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from absl import logging as absl_logging
 import numpy as np
 from flax import nnx
 from PIL import Image
@@ -39,7 +41,7 @@ from dod_jax.training.loop import base_models, demo_root, run, to_uint8
 
 ROOT = Path(__file__).resolve().parent.parent
 EVAL_TASKS = ("dehaze", "derain", "denoise")
-EVAL_SIGMA = 25.0
+EVAL_SIGMA = 25.0  # denoising pairs without a sigma of their own
 
 
 def psnr(x: np.ndarray, y: np.ndarray) -> float:
@@ -48,8 +50,9 @@ def psnr(x: np.ndarray, y: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
 
 
-def evaluate(config, checkpoints: Path, data_root: Path, out: Path) -> dict:
-    """Per-image and per-task PSNR / SSIM / LPIPS of the LQ input and of DOD's restoration."""
+def evaluate(config, checkpoints: Path, data_root: Path, out: Path, per_task: int | None = None) -> dict:
+    """Per-image and per-task PSNR / SSIM / LPIPS of the LQ input and of DOD's restoration
+    (the first `per_task` test pairs of each task; all by default)."""
     out.mkdir(parents=True, exist_ok=True)
     base, _ = base_models(config)
     model = build_dod(config, base, config.train.seed)
@@ -61,11 +64,15 @@ def evaluate(config, checkpoints: Path, data_root: Path, out: Path) -> dict:
     ssim_fn = jax.jit(lambda a, b: ssim(a, b, data_range=1.0))
     rows = []
     pairs = [p for p in checked_pairs(data_root, "aio5", "test") if p.task in EVAL_TASKS]
+    pairs = [p for t in EVAL_TASKS for p in [q for q in pairs if q.task == t][:per_task]]
     for index, pair in enumerate(tqdm(pairs, desc="evaluate")):
         gt = read_rgb(pair.gt)
-        lq = read_rgb(pair.lq) if pair.lq is not None else deg.gaussian_noise(gt, EVAL_SIGMA, seed=[index])
+        sigma = pair.sigma or EVAL_SIGMA
+        lq = read_rgb(pair.lq) if pair.lq is not None else deg.gaussian_noise(gt, sigma, seed=[index])
         restored = np.clip(restore_image(lambda x: np.asarray(restore(state, jnp.asarray(x))), lq), 0.0, 1.0)
-        row = {"task": pair.task, "image": Path(pair.gt).name}
+        row = {"task": pair.task, "image": Path(pair.lq or pair.gt).name}
+        if pair.lq is None:
+            row["sigma"] = sigma
         for name, image in (("lq", lq), ("dod", restored)):
             a, b = jnp.asarray(image[None], jnp.float32), jnp.asarray(gt[None], jnp.float32)
             row[f"{name}_psnr"] = psnr(image, gt)
@@ -73,7 +80,7 @@ def evaluate(config, checkpoints: Path, data_root: Path, out: Path) -> dict:
             row[f"{name}_lpips"] = float(lpips_fn(a * 2 - 1, b * 2 - 1)[0])
         rows.append(row)
         sheet = np.concatenate([lq, restored, gt], axis=1)
-        Image.fromarray(to_uint8(sheet * 2 - 1)).save(out / f"{pair.task}_{Path(pair.gt).stem}.png")
+        Image.fromarray(to_uint8(sheet * 2 - 1)).save(out / f"{index:03d}_{pair.task}_{Path(row['image']).stem}.png")
     tasks = {t: {k: float(np.mean([r[k] for r in rows if r["task"] == t])) for k in rows[0] if k.endswith(
         ("psnr", "ssim", "lpips"))} for t in EVAL_TASKS}
     tasks["average"] = {k: float(np.mean([tasks[t][k] for t in EVAL_TASKS])) for k in tasks[EVAL_TASKS[0]]}
@@ -99,7 +106,9 @@ def main(argv=None):
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny.py")
     parser.add_argument("--stage1-steps", type=int, default=None, help="default: the config's train.steps")
     parser.add_argument("--stage2-steps", type=int, default=None, help="default: the config's train.steps")
+    parser.add_argument("--eval-per-task", type=int, default=None, help="evaluate this many test pairs per task")
     args = parser.parse_args(argv)
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax reports every save step at INFO
     config = load_config(args.config)
     config.parallel.devices = 1  # the demo's batches are small; one device holds them
     work = args.workdir.resolve()
@@ -114,7 +123,8 @@ def main(argv=None):
         print(f"== {stage}: {stage_config.train.steps} steps", flush=True)
         summaries[stage] = run(stage_config, work / stage)
     print("== evaluation on the demo test photos", flush=True)
-    results = evaluate(config, work / "stage2" / "checkpoints", demo_root(work / "stage2"), work / "eval")
+    results = evaluate(config, work / "stage2" / "checkpoints", demo_root(work / "stage2"), work / "eval",
+                       args.eval_per_task)
     losses = {s: {"first": v["losses"][0], "last": v["losses"][-1]} for s, v in summaries.items() if v["losses"]}
     summary = {"training": losses, "evaluation": results["tasks"]["average"], "workdir": str(work)}
     (work / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -32,8 +32,9 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0, proces
     num_processes = num_processes or int(os.environ.get("DOD_NUM_PROCESSES", "0"))
     process_id = process_id if process_id >= 0 else int(os.environ.get("DOD_PROCESS_ID", "-1"))
     if coordinator:
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # CPU devices talk over gloo (accelerators use their own collectives); asking which
+        # backend runs would start it, and initialize() must come first.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator, num_processes, process_id)
     elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")):
         jax.distributed.initialize()

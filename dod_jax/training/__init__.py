@@ -1,0 +1,1 @@
+"""Training: the stage steps, a run, checkpoints."""
