@@ -37,7 +37,8 @@ from dod_jax.dod.images import restore_image
 from dod_jax.losses.lpips import load_lpips
 from dod_jax.losses.ssim import ssim
 from dod_jax.training.checkpoints import load_trained_params
-from dod_jax.training.loop import base_models, demo_root, run, to_uint8
+from dod_jax.image_ops import to_uint8
+from dod_jax.training.loop import base_models, demo_root, run
 
 ROOT = Path(__file__).resolve().parent.parent
 EVAL_TASKS = ("dehaze", "derain", "denoise")

@@ -24,6 +24,7 @@ from flax import nnx
 from ml_collections import config_flags
 from PIL import Image
 
+from dod_jax.image_ops import to_uint8
 from dod_jax.models.layers import NumpyRngs
 from dod_jax.models.unet import UNet2DCondition, UNetConfig
 from dod_jax.models.vae import AutoencoderKL, VAEConfig
@@ -44,10 +45,6 @@ def test_image(size: int) -> np.ndarray:
     green = 0.5 + 0.5 * np.cos(40 * r)
     blue = np.where((x * 8).astype(int) % 2 == 0, y, 1 - y)
     return np.stack([red, green, blue], -1).astype(np.float32) * 2 - 1
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    return np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)
 
 
 def param_count(model: nnx.Module) -> int:

@@ -1,4 +1,4 @@
-"""Host-side image operations shared by the input pipeline and restore."""
+"""Host-side image operations shared by the input pipeline, restore and the image writers."""
 
 from __future__ import annotations
 
@@ -15,3 +15,8 @@ def resize_float(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     channels = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize(
         (w, h), Image.Resampling.BICUBIC)) for c in range(image.shape[-1])]
     return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
+
+
+def to_uint8(image) -> np.ndarray:
+    """Images in [-1, 1] -> uint8 (clipped, rounded)."""
+    return np.round((np.clip(np.asarray(image, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)

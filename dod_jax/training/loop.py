@@ -30,6 +30,7 @@ from dod_jax.data import layouts
 from dod_jax.data.demo import write_demo_set
 from dod_jax.data.pipeline import STAGE1_RATIO, STAGE2_RATIO, TrainBatches, sources_from_pairs
 from dod_jax.dod.build import BaseModels, build_dod, load_base, random_base
+from dod_jax.image_ops import to_uint8
 from dod_jax.losses.lpips import load_lpips
 from dod_jax.models.layers import NumpyRngs
 from dod_jax.training import checkpoints as ckpt
@@ -279,8 +280,3 @@ class RunLogger:
     def close(self):
         if self.writer is not None:
             self.writer.close()
-
-
-def to_uint8(image) -> np.ndarray:
-    """[-1, 1] floats -> uint8."""
-    return np.clip(np.round((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
