@@ -34,10 +34,10 @@ from dod_jax.data import degradations as deg
 from dod_jax.data.layouts import checked_pairs, read_rgb
 from dod_jax.dod.build import build_dod
 from dod_jax.dod.images import restore_image
+from dod_jax.image_ops import to_uint8
 from dod_jax.losses.lpips import load_lpips
 from dod_jax.losses.ssim import ssim
 from dod_jax.training.checkpoints import load_trained_params
-from dod_jax.image_ops import to_uint8
 from dod_jax.training.loop import base_models, demo_root, run
 
 ROOT = Path(__file__).resolve().parent.parent
