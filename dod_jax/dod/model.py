@@ -98,12 +98,16 @@ class DOD(nnx.Module):
 
     def generate_latent(self, z, film):
         """x0 of one UNet+CLoRA step at the generator timestep, float32."""
-        b = z.shape[0]
-        t = jnp.full((b,), self.timestep)
-        context = jnp.broadcast_to(self.prompt_embedding[...], (b,) + self.prompt_embedding.shape)
+        t = jnp.full((z.shape[0],), self.timestep)
         with adapters.select(GENERATOR, film):
-            eps = self.unet(z, t, context.astype(self.unet.dtype))
+            eps = self.unet(z, t, self.context(z.shape[0]))
         return self.schedule.eps_to_x0(z.astype(jnp.float32), eps.astype(jnp.float32), t)
+
+    def context(self, batch: int, embedding=None):
+        """A prompt embedding (the model's own by default) for each of `batch` images, in the
+        UNet's compute dtype."""
+        embedding = self.prompt_embedding if embedding is None else embedding
+        return jnp.broadcast_to(embedding[...], (batch,) + embedding.shape).astype(self.unet.dtype)
 
     def decode(self, x0, skips, use_hde: bool = True):
         hook = self.hde.hook(skips) if (use_hde and self.hde is not None) else None

@@ -85,12 +85,11 @@ class Checkpoints:
         finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
         self.manager.save(step, args=args, metrics=finite if "loss" in finite else None)
 
-    def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
-        """(state, data position, meta) of `step`, the state laid out like `abstract_state`."""
+    def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
+        """(state, data position) of `step`, the state laid out like `abstract_state`."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
-        return restored["state"], restored["data"], restored["meta"]
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return restored["state"], restored["data"]
 
     def meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -134,8 +134,12 @@ def compile_step(stage: Stage, state: TrainState, frozen: Frozen, mesh, rules=No
 
 
 def place(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: np.asarray(x)[idx]),
-                        tree, shardings)
+    """Global arrays of `tree` laid out by `shardings` (each process holds the same values);
+    each array comes to the host once, not once per device."""
+    def one(x, sharding):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree.map(one, tree, shardings)
 
 
 # ------------------------------------------------------------------------------- the run
@@ -176,7 +180,7 @@ def run(config, workdir, *, stop_at: int | None = None) -> dict:
                                        f"base {saved['base']}, not this {tc.stage} run on {identity}")
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 state, compiled.state_shardings)
-        state, data_state, _ = checkpoints.restore(start, abstract)
+        state, data_state = checkpoints.restore(start, abstract)
         iterator.set_state(data_state)
     else:
         state = place(state, compiled.state_shardings)

@@ -145,10 +145,9 @@ class Stage:
                 metrics["lpips"] = nnx.merge(self.lpips_graphdef, frozen.lpips)(restored, gt).mean()
                 loss = loss + w["lpips"] * metrics["lpips"]
             if w["dmd"]:
-                prompt = jnp.broadcast_to(model.prompt_embedding[...], (lq.shape[0],) + model.prompt_embedding.shape)
-                negative = jnp.broadcast_to(model.negative_prompt[...], prompt.shape)
-                metrics["dmd"] = dmd_loss(model.unet, model.schedule, x0, dmd_keys, prompt.astype(model.unet.dtype),
-                                          negative.astype(model.unet.dtype), fake_set=FAKE)
+                b = lq.shape[0]
+                metrics["dmd"] = dmd_loss(model.unet, model.schedule, x0, dmd_keys, model.context(b),
+                                          model.context(b, model.negative_prompt), fake_set=FAKE)
                 loss = loss + w["dmd"] * metrics["dmd"]
         else:
             metrics["ssim"] = ssim(restored, gt, data_range=2.0).mean()
@@ -159,8 +158,7 @@ class Stage:
     def fake_loss(self, fake_params, params, frozen: Frozen, batch, keys):
         model = nnx.merge(self.graphdef, fake_params, params, frozen.model)
         x0 = batch["x0"]
-        prompt = jnp.broadcast_to(model.prompt_embedding[...], (x0.shape[0],) + model.prompt_embedding.shape)
-        loss = fake_score_loss(model.unet, model.schedule, x0, keys, prompt.astype(model.unet.dtype), fake_set=FAKE)
+        loss = fake_score_loss(model.unet, model.schedule, x0, keys, model.context(x0.shape[0]), fake_set=FAKE)
         return loss, ({"fake_loss": loss}, None)
 
     # ----------------------------------------------------------------------------- updates
