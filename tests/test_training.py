@@ -14,9 +14,10 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import micro_config
 from dod_jax import parallel
+from dod_jax.dod.build import base_models
 from dod_jax.dod.model import trainable
 from dod_jax.training import checkpoints as ckpt
-from dod_jax.training.loop import base_models, compile_step, place, run, training_model
+from dod_jax.training.loop import compile_step, place, run, training_model
 from dod_jax.training.steps import LOSS_WEIGHTS, Stage, loss_weights
 from dod_jax.losses.lpips import LPIPS
 from dod_jax.models.layers import NumpyRngs
@@ -26,7 +27,7 @@ def setup(stage: str, **train):
     config = micro_config()
     config.train.stage = stage
     config.train.update(train)
-    base, _ = base_models(config)
+    base = base_models(config)
     if stage == "stage1":
         model = training_model(config, base)
     else:
@@ -150,7 +151,7 @@ def test_a_stopped_run_resumes_exactly_and_stage_2_starts_from_its_parameters(tm
     # stage 2 from the stage-1 run: its model holds stage 1's trained parameters (the main job's
     # test below trains it)
     stage2 = run_config("stage2", steps=2, init_from=str(tmp_path / "straight" / "checkpoints"))
-    base, _ = base_models(stage2)
+    base = base_models(stage2)
     model = training_model(stage2, base)
     restored = nnx.to_flat_state(nnx.state(model, trainable("stage1")))
     for path, value in restored:

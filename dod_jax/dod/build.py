@@ -5,7 +5,10 @@ the config's shapes for tests and the demo."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -34,18 +37,21 @@ def adm_config(config) -> ADMConfig:
     return ADMConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in config.adm.items()})
 
 
-def base_networks(config, rngs, dtype) -> tuple[UNet2DCondition, AutoencoderKL, ADMEncoder]:
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def base_networks(config, rngs, dtype, remat: bool = False) -> tuple[UNet2DCondition, AutoencoderKL, ADMEncoder]:
     """The SD UNet, VAE and ADM encoder of `config`, initialised from `rngs`."""
-    return (UNet2DCondition(UNetConfig.from_diffusers(config.unet.to_dict()), dtype=dtype, rngs=rngs),
-            AutoencoderKL(VAEConfig.from_diffusers(config.vae.to_dict()), dtype=dtype, rngs=rngs),
+    return (UNet2DCondition(UNetConfig.from_diffusers(config.unet.to_dict()), dtype=dtype, remat=remat, rngs=rngs),
+            AutoencoderKL(VAEConfig.from_diffusers(config.vae.to_dict()), dtype=dtype, remat=remat, rngs=rngs),
             ADMEncoder(adm_config(config), dtype=dtype, rngs=rngs))
 
 
-def random_base(config, seed: int = 0, *, dtype=jnp.float32) -> BaseModels:
+def random_base(config, seed: int = 0, *, dtype=jnp.float32, remat: bool = False) -> BaseModels:
     """Base models with random weights in the config's shapes (PyTorch-style fan-in init) and
     random prompt embeddings: for tests and the demo, never for results."""
     rngs = NumpyRngs(seed)
-    unet, vae, adm = base_networks(config, rngs, dtype)
+    unet, vae, adm = base_networks(config, rngs, dtype, remat)
     schedule = DDPMSchedule.from_config(config.scheduler.to_dict())
     shape = (config.prompt_length, unet.config.cross_attention_dim)
     generator = np.random.default_rng(seed)
@@ -58,6 +64,58 @@ def load_base(sd_folder: str | os.PathLike, adm_file: str | os.PathLike, prompts
     sd = load_pipeline(sd_folder, dtype=dtype, remat=remat)
     return BaseModels(sd, load_adm(adm_file, dtype=dtype),
                       load_prompt_embeddings(prompts_file, sd.unet.config.cross_attention_dim))
+
+
+BASE_FILES = {"sd": "the SD 2.1-base pipeline folder", "adm": "the converted ADM file",
+              "prompts": "the prompt-embeddings file"}
+
+
+def base_models(config, *, dtype: str | None = None) -> BaseModels:
+    """The frozen base `config.base` names (random weights when base.random_seed >= 0), in
+    `dtype` (default config.train.dtype)."""
+    dtype = DTYPES[dtype or config.train.dtype]
+    remat = config.train.remat
+    if config.base.random_seed >= 0:
+        return random_base(config, config.base.random_seed, dtype=dtype, remat=remat)
+    missing = [f"base.{k} ({what})" for k, what in BASE_FILES.items() if not config.base[k]]
+    if missing:
+        raise ValueError(f"the config names no {', '.join(missing)}; or set base.random_seed >= 0 for random weights")
+    absent = [f"base.{k} = {config.base[k]} ({what})" for k, what in BASE_FILES.items()
+              if not Path(config.base[k]).exists()]
+    if absent:
+        raise FileNotFoundError("base weights not found: " + "; ".join(absent))
+    return load_base(config.base.sd, config.base.adm, config.base.prompts, dtype=dtype, remat=remat)
+
+
+def base_identity(config) -> dict:
+    """What checkpoints and restore bundles record of the base: the random seed, or the path,
+    size and sha256 of every base weights file."""
+    if config.base.random_seed >= 0:
+        return {"random_seed": config.base.random_seed}
+    return {k: file_identity(config.base[k]) for k in BASE_FILES}
+
+
+def file_identity(path: str | os.PathLike) -> dict:
+    """{path, bytes, sha256} of a weights file, or of each weights file in a folder."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".msgpack", ".json")) \
+        if path.is_dir() else [path]
+    out = []
+    for f in files:
+        digest = hashlib.sha256()
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+        out.append({"path": str(f.resolve()), "bytes": f.stat().st_size, "sha256": digest.hexdigest()})
+    return {"path": str(path.resolve()), "files": out}
+
+
+def same_base(a: dict, b: dict) -> bool:
+    """Two base identities name the same weights (same hashes, wherever the files now are)."""
+    digests = lambda identity: json.dumps(
+        {k: ([f["sha256"] for f in v["files"]] if isinstance(v, dict) and "files" in v else v)
+         for k, v in identity.items()}, sort_keys=True)
+    return digests(a) == digests(b)
 
 
 def build_dod(config, base: BaseModels, seed: int = 0) -> DOD:

@@ -14,6 +14,7 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -58,8 +59,26 @@ def from_unit_rgb(rgb: np.ndarray, alpha: np.ndarray | None, like: np.ndarray) -
     return out.astype(like.dtype)
 
 
-def restore_image(restore: Callable[[np.ndarray], np.ndarray], image: np.ndarray, *, min_side: int = 256) -> np.ndarray:
-    """Run `restore` ((1, H, W, 3) in [-1, 1] -> same) on an image of any size and layout."""
+@dataclasses.dataclass
+class Prepared:
+    """An image ready for the model: `padded` (H', W', 3) in [0, 1], sides multiples of the
+    padding multiple; what `finish` needs to give the restoration the input's own form."""
+    padded: np.ndarray
+    lifted: tuple[int, int]        # size after lifting the short side, before padding
+    alpha: np.ndarray | None
+    original: np.ndarray           # the input, for its size, layout and dtype
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """The input as [0, 1] RGB at the lifted size (what colour fixes match against)."""
+        return self.padded[:self.lifted[0], :self.lifted[1]]
+
+
+def prepare(image: np.ndarray, *, min_side: int = 256, multiple: int = MULTIPLE) -> Prepared:
+    """Lift a short side below `min_side` (bicubic, aspect kept) and reflect-pad to multiples
+    of `multiple` (8, or a larger bucket so that nearby sizes share one compiled shape)."""
+    if multiple % MULTIPLE:
+        raise ValueError(f"the padding multiple must be a multiple of {MULTIPLE}, got {multiple}")
     rgb, alpha = to_unit_rgb(image)
     h, w = rgb.shape[:2]
     short = min(h, w)
@@ -69,8 +88,21 @@ def restore_image(restore: Callable[[np.ndarray], np.ndarray], image: np.ndarray
         scale = min_side / short
         rgb = resize_float(rgb, (max(min_side, round(h * scale)), max(min_side, round(w * scale))))
     lh, lw = rgb.shape[:2]
-    pad_h, pad_w = -lh % MULTIPLE, -lw % MULTIPLE
-    padded = np.pad(rgb, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
-    restored = np.asarray(restore(padded[None] * 2.0 - 1.0), np.float32)[0]
-    restored = (restored[:lh, :lw] + 1.0) / 2.0
-    return from_unit_rgb(resize_float(restored, (h, w)), alpha, np.asarray(image))
+    padded = np.pad(rgb, ((0, -lh % multiple), (0, -lw % multiple), (0, 0)), mode="reflect")
+    return Prepared(padded, (lh, lw), alpha, np.asarray(image))
+
+
+def finish(prepared: Prepared, restored: np.ndarray) -> np.ndarray:
+    """The model's output for `prepared.padded` ((H', W', 3) in [0, 1]) cropped, resized back
+    and in the input's layout and dtype."""
+    lh, lw = prepared.lifted
+    h, w = prepared.original.shape[:2]
+    return from_unit_rgb(resize_float(np.clip(restored[:lh, :lw], 0.0, 1.0), (h, w)), prepared.alpha,
+                         prepared.original)
+
+
+def restore_image(restore: Callable[[np.ndarray], np.ndarray], image: np.ndarray, *, min_side: int = 256) -> np.ndarray:
+    """Run `restore` ((1, H, W, 3) in [-1, 1] -> same) on an image of any size and layout."""
+    prepared = prepare(image, min_side=min_side)
+    restored = np.asarray(restore(prepared.padded[None] * 2.0 - 1.0), np.float32)[0]
+    return finish(prepared, (restored + 1.0) / 2.0)

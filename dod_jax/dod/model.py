@@ -170,6 +170,11 @@ def trainable(stage: str):
     return nnx.All(nnx.Param, nnx.Any(*STAGE_GROUPS[stage].values()))
 
 
+def all_trained(model: DOD) -> nnx.State:
+    """Every parameter some stage trains: what checkpoints and restore bundles hold."""
+    return nnx.state(model, nnx.Any(*(trainable(s) for s in STAGE_GROUPS)))
+
+
 def parameter_counts(model: DOD) -> dict[str, int]:
     """Parameters per training group, plus the frozen rest."""
     counts = {}

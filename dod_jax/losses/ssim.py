@@ -34,9 +34,10 @@ def _filter(x, window):
 
 
 def ssim(x, y, *, data_range: float, window_size: int = WINDOW, sigma: float = SIGMA,
-         k1: float = 0.01, k2: float = 0.03):
+         k1: float = 0.01, k2: float = 0.03, nonnegative_cs: bool = False):
     """Per-image SSIM of (B, H, W, C) images whose values span `data_range` (2 for [-1, 1]
-    images, 1 for [0, 1], 255 for 8-bit values). Computed in float32; returns (B,)."""
+    images, 1 for [0, 1], 255 for 8-bit values). Computed in float32; returns (B,).
+    `nonnegative_cs` clips the contrast-structure term at 0, as pyiqa's metric does."""
     if x.shape != y.shape or x.ndim != 4:
         raise ValueError(f"ssim needs two (B, H, W, C) arrays of one shape, got {x.shape} and {y.shape}")
     if min(x.shape[1:3]) < window_size:
@@ -48,7 +49,10 @@ def ssim(x, y, *, data_range: float, window_size: int = WINDOW, sigma: float = S
     var_x = _filter(x * x, window) - mu_x ** 2
     var_y = _filter(y * y, window) - mu_y ** 2
     cov = _filter(x * y, window) - mu_x * mu_y
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    cs = (2 * cov + c2) / (var_x + var_y + c2)
+    if nonnegative_cs:
+        cs = jnp.maximum(cs, 0.0)
+    ssim_map = (2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1) * cs
     return ssim_map.mean(axis=(1, 2, 3))
 
 

@@ -13,8 +13,6 @@ steps are kept, plus the step with the lowest logged loss.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -25,41 +23,13 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
-from dod_jax.dod.model import STAGE_GROUPS, trainable
+from dod_jax.dod.model import all_trained, trainable
 
 ITEMS = ("state", "params", "data", "meta")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot continue or start this run; the message names it."""
-
-
-def all_trained(model) -> nnx.State:
-    """Every parameter some stage trains."""
-    return nnx.state(model, nnx.Any(*(trainable(s) for s in STAGE_GROUPS)))
-
-
-def file_identity(path: str | os.PathLike) -> dict:
-    """{path, bytes, sha256} of a weights file, or of each weights file in a folder."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".msgpack", ".json")) \
-        if path.is_dir() else [path]
-    out = []
-    for f in files:
-        digest = hashlib.sha256()
-        with open(f, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-        out.append({"path": str(f.resolve()), "bytes": f.stat().st_size, "sha256": digest.hexdigest()})
-    return {"path": str(path.resolve()), "files": out}
-
-
-def same_base(a: dict, b: dict) -> bool:
-    """Two base identities name the same weights (same hashes, wherever the files now are)."""
-    digests = lambda identity: json.dumps(
-        {k: ([f["sha256"] for f in v["files"]] if isinstance(v, dict) and "files" in v else v)
-         for k, v in identity.items()}, sort_keys=True)
-    return digests(a) == digests(b)
 
 
 class Checkpoints:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -29,30 +28,12 @@ from dod_jax import parallel
 from dod_jax.data import layouts
 from dod_jax.data.demo import write_demo_set
 from dod_jax.data.pipeline import STAGE1_RATIO, STAGE2_RATIO, TrainBatches, sources_from_pairs
-from dod_jax.dod.build import BaseModels, build_dod, load_base, random_base
+from dod_jax.dod.build import BaseModels, base_identity, base_models, build_dod, same_base
 from dod_jax.image_ops import to_uint8
 from dod_jax.losses.lpips import load_lpips
 from dod_jax.models.layers import NumpyRngs
 from dod_jax.training import checkpoints as ckpt
 from dod_jax.training.steps import Frozen, Stage, TrainState, add_fake_score
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-# ------------------------------------------------------------------------------- building
-
-def base_models(config) -> tuple[BaseModels, dict]:
-    """The frozen base and its identity (what a checkpoint records and a resume checks)."""
-    dtype = DTYPES[config.train.dtype]
-    if config.base.random_seed >= 0:
-        return random_base(config, config.base.random_seed, dtype=dtype), {"random_seed": config.base.random_seed}
-    missing = [k for k in ("sd", "adm", "prompts") if not config.base[k]]
-    if missing:
-        raise ValueError(f"config.base needs {missing} (an SD 2.1-base folder, the converted ADM file, the "
-                         "prompt embeddings), or base.random_seed >= 0 for random weights")
-    base = load_base(config.base.sd, config.base.adm, config.base.prompts, dtype=dtype, remat=config.train.remat)
-    return base, {k: ckpt.file_identity(config.base[k]) for k in ("sd", "adm", "prompts")}
-
 
 def training_model(config, base: BaseModels):
     """DOD for `config.train.stage`: stage 1 adds the fake score; stage 2 starts from the
@@ -156,7 +137,7 @@ def run(config, workdir, *, stop_at: int | None = None) -> dict:
     devices = jax.devices()[:config.parallel.devices] if config.parallel.devices else jax.devices()
     mesh = parallel.make_mesh(config.parallel.data, config.parallel.fsdp, devices)
 
-    base, identity = base_models(config)
+    base, identity = base_models(config), base_identity(config)
     model = training_model(config, base)
     lpips = load_lpips(tc.lpips_weights) if tc.stage == "stage1" else None
     stage, state, frozen = Stage.create(model, tc, lpips)
@@ -175,7 +156,7 @@ def run(config, workdir, *, stop_at: int | None = None) -> dict:
     start = checkpoints.latest_step() or 0
     if start:
         saved = checkpoints.meta(start)
-        if saved["stage"] != tc.stage or not ckpt.same_base(saved["base"], identity):
+        if saved["stage"] != tc.stage or not same_base(saved["base"], identity):
             raise ckpt.CheckpointError(f"{checkpoints.directory} step {start} belongs to a {saved['stage']} run on "
                                        f"base {saved['base']}, not this {tc.stage} run on {identity}")
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -1,0 +1,289 @@
+"""evaluate.py: a trained DOD on a test set, with the LQ input as baseline beside it.
+
+    python evaluate.py --ckpt CKPT --data ROOT --out DIR        metrics, tables, images
+    python evaluate.py --ckpt CKPT --input DIR --output DIR     restore a folder (no GT)
+    python evaluate.py --ckpt CKPT --time                        latency at 512x512
+
+--data is an AIO-3 / AIO-5 / CDD11 root (its test split; the layout is detected, or given
+with --layout) or any folder of LQ images, with their GTs (same file stems) in --gt if there
+are any. Denoising tests add Gaussian noise at sigma 15, 25 and 50 to the clean images, seeded
+per image. Written to --out:
+
+    results.json            every image's and every task's numbers, the settings, what was
+                            unavailable and why, and the files that could not be used
+    results.md              the paper's table shapes: PSNR / SSIM per task, then every metric
+                            on average; LQ input and DOD in rows
+    restored/<task>/*.png   the restorations (8-bit; the metrics are computed on these)
+    sheets/<task>/*.png     LQ | restored | GT
+
+PSNR and SSIM (dod_jax.evaluation.metrics) are computed in the colour space of --color (the
+other one is in results.json too) after cutting --crop-border pixels. LPIPS-VGG is this
+package's; LPIPS (AlexNet), DISTS, FID, CLIPIQA, NIQE, MUSIQ and MANIQA come from pyiqa when
+their weights are cached (dod_jax.evaluation.iqa). Files that cannot be read are reported and
+skipped; the command then exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from dod_jax.data import degradations as deg
+from dod_jax.data import layouts
+from dod_jax.evaluation import metrics
+from dod_jax.evaluation.iqa import LOWER_IS_BETTER, PER_IMAGE, PER_SET, PyiqaMetrics
+from dod_jax.losses.lpips import load_lpips
+from dod_jax.restore import cli
+from dod_jax.restore.engine import Restorer
+
+METHODS = ("lq", "dod")
+LABELS = {"lq": "Input (LQ)", "dod": "DOD (ours)"}
+TABLE_METRICS = ("psnr", "ssim", "lpips_vgg") + PER_IMAGE + PER_SET
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    task: str                 # the table column: a task, a CDD11 type, or denoise_<sigma>
+    name: str                 # output file stem
+    lq: Path | None           # None: noise is added to the GT (denoising at `sigma`)
+    gt: Path | None
+    sigma: float | None = None
+
+
+def detect_layout(root: Path) -> str:
+    test = root / "test"
+    if (test / "clear").is_dir():
+        return "cdd11"
+    if (test / "deblur").is_dir() or (test / "lowlight").is_dir():
+        return "aio5"
+    if any((test / t).is_dir() for t in layouts.AIO3_TASKS):
+        return "aio3"
+    return "folder"
+
+
+def layout_items(root: Path, layout: str, tasks=None) -> tuple[list[Item], list[str]]:
+    report = layouts.scan(root, layout, "test", tasks)
+    items = []
+    for pair in report.pairs:
+        task = f"{pair.task}_{pair.sigma:g}" if pair.sigma is not None else pair.task
+        items.append(Item(task, Path(pair.lq or pair.gt).stem, pair.lq, pair.gt, pair.sigma))
+    return items, report.problems
+
+
+def folder_items(folder: Path, gt_folder: Path | None) -> tuple[list[Item], list[str]]:
+    if not folder.is_dir():
+        return [], [f"{folder}: no such folder"]
+    problems = []
+    gts = {p.stem: p for p in layouts.images_in(gt_folder)} if gt_folder else {}
+    if gt_folder and not gt_folder.is_dir():
+        problems.append(f"{gt_folder}: no such GT folder")
+    items = []
+    for lq in layouts.images_in(folder):
+        if gt_folder and lq.stem not in gts:
+            problems.append(f"{lq}: no GT named {lq.stem}.* in {gt_folder}; scored without reference")
+        items.append(Item(folder.name, lq.stem, lq, gts.get(lq.stem)))
+    return items, problems
+
+
+def _quantised(image: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _read(item: Item, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(LQ, GT or None) as float [0, 1] RGB; denoising LQs are seeded by sigma and index."""
+    gt = layouts.read_rgb(item.gt) if item.gt is not None else None
+    if item.lq is None:
+        return deg.gaussian_noise(gt, item.sigma, seed=[int(item.sigma), index]), gt
+    return layouts.read_rgb(item.lq), gt
+
+
+class Scorer:
+    """Per-image scores of an image against its GT (or without one)."""
+
+    def __init__(self, color: str, crop_border: int, lpips_weights: str | None, pyiqa: PyiqaMetrics):
+        self.color, self.crop_border, self.pyiqa = color, crop_border, pyiqa
+        self.lpips = load_lpips(lpips_weights) if lpips_weights and Path(lpips_weights).is_file() else None
+        self.lpips_missing = None if self.lpips else f"LPIPS-VGG weights not found at {lpips_weights} (make writes them)"
+
+    def scores(self, image: np.ndarray, gt: np.ndarray | None) -> dict[str, float]:
+        out = {}
+        if gt is not None:
+            for color in metrics.COLORS:
+                out[f"psnr_{color}"] = metrics.psnr(image, gt, color=color, crop_border=self.crop_border)
+                out[f"ssim_{color}"] = metrics.ssim(image, gt, color=color, crop_border=self.crop_border)
+            out["psnr"], out["ssim"] = out[f"psnr_{self.color}"], out[f"ssim_{self.color}"]
+            if self.lpips is not None:
+                a, b = (jnp.asarray(x[None] * 2.0 - 1.0, jnp.float32) for x in (image, gt))
+                out["lpips_vgg"] = float(self.lpips(a, b)[0])
+        out.update(self.pyiqa.image_scores(image, gt))
+        return out
+
+
+def evaluate(restorer: Restorer, items: list[Item], out: Path, scorer: Scorer, problems: list[str],
+             settings: dict) -> dict:
+    """Restore and score `items`; write images, results.json and results.md into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows, problems = [], list(problems)
+    batch = restorer.settings.batch_size
+    progress = tqdm(total=len(items), desc="evaluate", unit="image", dynamic_ncols=True)
+    for start in range(0, len(items), batch):
+        chunk, lqs, gts = [], [], []
+        for index, item in enumerate(items[start:start + batch], start):
+            try:
+                lq, gt = _read(item, index)
+            except layouts.DataError as e:
+                problems.append(str(e))
+                progress.update(1)
+                continue
+            chunk.append(item), lqs.append(lq), gts.append(gt)
+        for item, lq, gt, restored in zip(chunk, lqs, gts, restorer.restore(lqs) if lqs else []):
+            images = {"lq": _quantised(lq), "dod": _quantised(restored)}
+            cli.write_image(images["dod"], out / "restored" / item.task / f"{item.name}.png")
+            sheet = [images["lq"], images["dod"]] + ([_quantised(gt)] if gt is not None else [])
+            cli.write_image(np.concatenate(sheet, axis=1), out / "sheets" / item.task / f"{item.name}.png")
+            row = {"task": item.task, "image": item.name, "lq": str(item.lq or f"{item.gt} + noise"),
+                   "gt": str(item.gt) if item.gt else None}
+            for method, image in images.items():
+                row[method] = scorer.scores(image.astype(np.float32) / 255.0, gt)
+            rows.append(row)
+            if gt is not None and scorer.pyiqa.metrics.keys() & set(PER_SET):
+                for method, image in images.items():
+                    cli.write_image(image, out / "sets" / method / item.task / f"{item.name}.png")
+                cli.write_image(_quantised(gt), out / "sets" / "gt" / item.task / f"{item.name}.png")
+            progress.update(1)
+    progress.close()
+    tasks = aggregate(rows)
+    for name in PER_SET:
+        for task in list(tasks):
+            if task == "average" or not (out / "sets" / "gt" / task).is_dir():
+                continue
+            for method in METHODS:
+                value = scorer.pyiqa.set_score(name, out / "sets" / method / task, out / "sets" / "gt" / task)
+                if value is not None:
+                    tasks[task][method][name] = value
+    if len(tasks) > 1:
+        tasks["average"] = average(tasks)
+    unavailable = dict(scorer.pyiqa.unavailable)
+    if scorer.lpips_missing:
+        unavailable["lpips_vgg"] = scorer.lpips_missing
+    results = {"settings": settings, "color": scorer.color, "crop_border": scorer.crop_border,
+               "tasks": tasks, "images": rows, "unavailable": unavailable, "problems": problems}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(results))
+    return results
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """Mean of every score per task and method."""
+    tasks = {}
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        tasks[task] = {m: {k: float(np.mean([r[m][k] for r in mine if k in r[m]]))
+                           for k in dict.fromkeys(k for r in mine for k in r[m])} for m in METHODS}
+    return tasks
+
+
+def average(tasks: dict) -> dict:
+    """Mean over tasks of each per-task mean (every task weighs the same, as the papers average)."""
+    return {m: {k: float(np.mean([t[m][k] for t in tasks.values() if k in t[m]]))
+                for k in dict.fromkeys(k for t in tasks.values() for k in t[m])} for m in METHODS}
+
+
+def _cell(values: dict, key: str, digits: int) -> str:
+    return f"{values[key]:.{digits}f}" if key in values else "—"
+
+
+def markdown(results: dict) -> str:
+    tasks = results["tasks"]
+    names = [t for t in tasks if t != "average"]
+    columns = names + (["average"] if "average" in tasks else [])
+    lines = [f"PSNR (dB) / SSIM, {results['color'].upper()}, crop border {results['crop_border']}", "",
+             "| Method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for m in METHODS:
+        cells = [f"{_cell(tasks[c][m], 'psnr', 2)} / {_cell(tasks[c][m], 'ssim', 4)}" for c in columns]
+        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    summary = tasks.get("average", tasks[names[0]]) if names else {}
+    arrows = {k: "↓" if k in LOWER_IS_BETTER or k == "lpips_vgg" else "↑" for k in TABLE_METRICS}
+    header = " | ".join(f"{k.upper().replace('_VGG', '-VGG')} {arrows[k]}" for k in TABLE_METRICS)
+    lines += ["", f"All metrics, {'average over tasks' if 'average' in tasks else columns[0] if columns else ''}", "",
+              f"| Method | {header} |", "|---|" + "---|" * len(TABLE_METRICS)]
+    for m in METHODS:
+        values = summary.get(m, {})
+        digits = {"psnr": 2, "fid": 2, "musiq": 2, "niqe": 4}
+        lines.append(f"| {LABELS[m]} | " + " | ".join(_cell(values, k, digits.get(k, 4)) for k in TABLE_METRICS) + " |")
+    if results["unavailable"]:
+        lines += ["", "— unavailable:"] + [f"- {k}: {v}" for k, v in results["unavailable"].items()]
+    if results["problems"]:
+        lines += ["", f"{len(results['problems'])} file(s) skipped (results.json lists them)."]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- command line
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    cli.add_settings_arguments(parser)
+    parser.add_argument("--data", type=Path, help="a test-set root (AIO-3 / AIO-5 / CDD11) or a folder of LQ images")
+    parser.add_argument("--layout", default="auto", choices=("auto", "folder", *layouts.LAYOUT_TASKS))
+    parser.add_argument("--tasks", nargs="*", help="only these tasks of the layout")
+    parser.add_argument("--gt", type=Path, help="GT folder for a folder of LQ images (same stems)")
+    parser.add_argument("--out", type=Path, help="where results and images go")
+    parser.add_argument("--limit", type=int, help="evaluate at most this many images per table column")
+    parser.add_argument("--color", default="rgb", choices=metrics.COLORS, help="PSNR/SSIM colour space in tables")
+    parser.add_argument("--crop-border", type=int, default=0)
+    parser.add_argument("--lpips-weights", help="LPIPS-VGG safetensors (default: the checkpoint config's)")
+    parser.add_argument("--pyiqa", nargs="*", default=list(PER_IMAGE + PER_SET),
+                        help="pyiqa metrics to try (none: no pyiqa)")
+    parser.add_argument("--input", type=Path, help="restore this folder without GT (with --output)")
+    parser.add_argument("--output", type=Path)
+    parser.add_argument("--time", action="store_true", help="time restores at --time-size on this device")
+    parser.add_argument("--time-size", type=int, default=512)
+    parser.add_argument("--time-runs", type=int, default=10)
+    parser.add_argument("--time-warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+    modes = [bool(args.data), bool(args.input), args.time]
+    if sum(modes) != 1:
+        parser.error("give one of --data (evaluate), --input (restore) or --time")
+    if args.input:
+        if not args.output:
+            parser.error("--input needs --output")
+        return cli.restore_command(parser, args, [args.input], args.output)
+    restorer, settings, loaded = cli.restorer_from(args)
+    if args.time:
+        report = [restorer.time(args.time_size, 1, args.time_runs, args.time_warmup),
+                  restorer.time(args.time_size, 1, args.time_runs, args.time_warmup, merged=True)]
+        if restorer.settings.batch_size > 1:
+            report.append(restorer.time(args.time_size, restorer.settings.batch_size, args.time_runs, args.time_warmup))
+        for r in report:
+            print(f"{r['device']}: {r['size']}x{r['size']}, batch {r['batch']}, "
+                  f"{'merged' if r['merged_clora'] else 'unmerged'} CLoRA: {r['seconds_per_image'] * 1e3:.1f} ms "
+                  f"per image, {r['images_per_second']:.2f} images/s")
+        print(json.dumps(report, indent=2))
+        return 0
+    if not args.out:
+        parser.error("--data needs --out")
+    layout = detect_layout(args.data) if args.layout == "auto" else args.layout
+    items, problems = (folder_items(args.data, args.gt) if layout == "folder"
+                       else layout_items(args.data, layout, tuple(args.tasks) if args.tasks else None))
+    if args.limit:
+        items = [i for task in dict.fromkeys(i.task for i in items)
+                 for i in [j for j in items if j.task == task][:args.limit]]
+    if not items:
+        print("\n".join(problems), file=sys.stderr)
+        parser.error(f"no test images found in {args.data} (layout {layout})")
+    lpips_weights = args.lpips_weights or loaded.config.train.lpips_weights
+    scorer = Scorer(args.color, args.crop_border, lpips_weights, PyiqaMetrics(args.pyiqa or ()))
+    results = evaluate(restorer, items, args.out, scorer, problems,
+                       dict(settings, data=str(args.data), layout=layout))
+    print((args.out / "results.md").read_text())
+    if results["problems"]:
+        print(f"{len(results['problems'])} problem(s):\n  " + "\n  ".join(results["problems"]), file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,200 @@
+"""A trained DOD, loadable in one call: from a restore bundle or a training checkpoint.
+
+A restore bundle is a folder:
+
+    bundle.json         format, the training stage, the config (JSON) and the identity of the
+                        base weights (path, size and sha256 of the SD, ADM and prompt files)
+    params.safetensors  every parameter DOD's stages train, flattened to '/'-joined names
+
+It holds what was trained, not the base weights; `load_model` finds those where the config
+says (or where `base` overrides say) and names every file that is missing or differs in size.
+
+    python -m dod_jax.restore.bundle --ckpt runs/x/stage2/checkpoints --out dod_bundle
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx, traverse_util
+from ml_collections import ConfigDict
+from safetensors.numpy import load_file, save_file
+
+from dod_jax.dod.build import BASE_FILES, base_identity, base_models, build_dod
+from dod_jax.dod.model import DOD, all_trained
+
+FORMAT = "dod-jax restore bundle"
+VERSION = 1
+BUNDLE_FILE, PARAMS_FILE = "bundle.json", "params.safetensors"
+
+
+class BundleError(ValueError):
+    """A bundle or checkpoint that cannot be loaded; the message names the file and the cause."""
+
+
+@dataclasses.dataclass
+class Loaded:
+    model: DOD
+    config: ConfigDict
+    stage: str           # the stage that produced the parameters: stage1 restores without DEMs
+    source: str
+
+    @property
+    def use_hde(self) -> bool:
+        return self.stage == "stage2"
+
+
+def save_bundle(model: DOD, config, stage: str, out: str | os.PathLike) -> Path:
+    """Write `model`'s trained parameters and the base identity as a bundle folder, atomically
+    (written beside `out` and renamed into place)."""
+    out = Path(out).resolve()
+    if out.exists():
+        raise BundleError(f"{out} exists; choose a new folder for the bundle")
+    flat = _flat_names(nnx.to_pure_dict(all_trained(model)))
+    meta = {"format": FORMAT, "version": VERSION, "stage": stage, "config": json.loads(config.to_json()),
+            "base": base_identity(config)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file({k: np.array(v, order="C") for k, v in flat.items()}, str(staging / PARAMS_FILE))  # 0-d stays 0-d
+        (staging / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def load_model(path: str | os.PathLike, *, dtype: str = "auto", base: dict[str, str] | None = None) -> Loaded:
+    """DOD with trained parameters from `path`: a bundle folder, a training run's workdir, its
+    checkpoints folder, or one step's folder. `dtype`: float32, bfloat16, or auto (bfloat16 on
+    accelerators, float32 on CPU). `base`: {'sd'|'adm'|'prompts': path} overriding where the
+    base weights are."""
+    path = Path(path).resolve()
+    if not path.exists():
+        raise BundleError(f"{path}: no such bundle or checkpoint")
+    if (path / BUNDLE_FILE).is_file():
+        meta = _read_bundle_meta(path)
+    else:
+        meta = _checkpoint_meta(path)
+    config = ConfigDict(meta["config"])
+    for key, value in (base or {}).items():
+        if value:
+            config.base[key] = str(value)
+    _check_base(config, meta["base"], path)
+    if dtype == "auto":
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    model = build_dod(config, base_models(config, dtype=dtype), config.train.seed)
+    if (path / BUNDLE_FILE).is_file():
+        _fill_from_bundle(model, path / PARAMS_FILE)
+    else:
+        from dod_jax.training.checkpoints import load_trained_params
+        load_trained_params(model, _checkpoint_dir(path), stages=("stage1", "stage2"))
+    return Loaded(model, config, meta["stage"], str(path))
+
+
+def _read_bundle_meta(path: Path) -> dict:
+    try:
+        meta = json.loads((path / BUNDLE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path / BUNDLE_FILE}: not readable JSON ({e})") from e
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise BundleError(f"{path / BUNDLE_FILE}: not a version-{VERSION} {FORMAT}")
+    return meta
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    """A run workdir stands for its checkpoints folder."""
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def _checkpoint_meta(path: Path) -> dict:
+    from dod_jax.training.checkpoints import CheckpointError, Checkpoints
+    directory = _checkpoint_dir(path)
+    if (directory / "meta").is_dir():
+        directory, step = directory.parent, int(directory.name)
+    else:
+        step = None
+    try:
+        checkpoints = Checkpoints(directory, read_only=True)
+        step = checkpoints.latest_step() if step is None else step
+        if step is None:
+            raise BundleError(f"{directory}: neither a restore bundle ({BUNDLE_FILE}) nor a checkpoint folder")
+        return checkpoints.meta(step)
+    except CheckpointError as e:
+        raise BundleError(str(e)) from e
+
+
+def _check_base(config, recorded: dict, source: Path):
+    """Every base weights file the parameters were trained on is where the config says, with
+    the recorded size (a full sha256 check is `dod_jax.dod.build.file_identity`)."""
+    if config.base.random_seed >= 0:
+        return
+    problems = []
+    for key, what in BASE_FILES.items():
+        where = Path(config.base[key] or "")
+        if not config.base[key] or not where.exists():
+            problems.append(f"{what} (base.{key}) is missing: looked for {where or 'no path'}")
+            continue
+        files = recorded.get(key, {}).get("files", [])
+        root = Path(recorded.get(key, {}).get("path", where))
+        for f in files:
+            local = where / Path(f["path"]).relative_to(root) if where.is_dir() else where
+            if not local.is_file():
+                problems.append(f"{what} (base.{key}): {local} is missing")
+            elif local.stat().st_size != f["bytes"]:
+                problems.append(f"{what} (base.{key}): {local} has {local.stat().st_size} bytes, trained on "
+                                f"{f['bytes']} (sha256 {f['sha256']})")
+    if problems:
+        raise BundleError(f"{source} needs base weights that are not here:\n  " + "\n  ".join(problems) +
+                          "\nPass their locations (--sd, --adm, --prompts).")
+
+
+def _name(path: tuple) -> str:
+    return "/".join(map(str, path))
+
+
+def _flat_names(tree: dict) -> dict:
+    return {_name(k): v for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def _fill_from_bundle(model: DOD, file: Path):
+    try:
+        tensors = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise BundleError(f"{file}: not a readable safetensors file ({e})") from e
+    state = all_trained(model)
+    paths = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    wanted = {_name(k): v for k, v in paths.items()}
+    missing = sorted(set(wanted) - set(tensors))
+    unexpected = sorted(set(tensors) - set(wanted))
+    misshaped = [f"{k}: {tensors[k].shape} in the file, {wanted[k].shape} in the model"
+                 for k in sorted(set(wanted) & set(tensors)) if tensors[k].shape != wanted[k].shape]
+    if missing or unexpected or misshaped:
+        raise BundleError(f"{file} does not fit the model its bundle.json describes: missing {missing[:5]}"
+                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}, mis-shaped {misshaped[:5]}")
+    values = {k: np.asarray(tensors[_name(k)], np.asarray(v).dtype) for k, v in paths.items()}
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(values))
+    nnx.update(model, state)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Export a training checkpoint as a restore bundle.")
+    parser.add_argument("--ckpt", required=True, type=Path, help="a run workdir, its checkpoints folder or a step")
+    parser.add_argument("--out", required=True, type=Path, help="the bundle folder to create")
+    args = parser.parse_args(argv)
+    loaded = load_model(args.ckpt, dtype="float32")
+    out = save_bundle(loaded.model, loaded.config, loaded.stage, args.out)
+    print(f"wrote {out} ({loaded.stage} parameters from {loaded.source})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""restore: DOD on a file or folder of images of any size and format.
+
+    restore --ckpt BUNDLE_OR_CHECKPOINT INPUT [INPUT ...] --output DIR [options]
+
+Each input image is written to DIR under its own name and format (alpha kept; JPEG inputs
+with alpha become PNG), atomically (a temporary file renamed into place), so an interrupted
+run leaves only whole files. Images of one padded shape are restored in batches; large
+images in tiles (dod_jax.restore.engine). DIR/restore_log.json records the settings, the
+device and each file's outcome. An unreadable file is reported and skipped; the command then
+exits with status 1 after restoring the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from dod_jax.data.layouts import IMAGE_SUFFIXES
+from dod_jax.restore.bundle import Loaded, load_model
+from dod_jax.restore.color import COLOR_FIXES
+from dod_jax.restore.engine import Restorer, RestoreSettings
+
+LOG_FILE = "restore_log.json"
+
+
+class ImageReadError(ValueError):
+    """An input that is not a readable image; the message names the file."""
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image as stored (EXIF orientation applied): uint8 grey, RGB or RGBA, or uint16 grey."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            image.load()
+            if image.mode in ("I;16", "I;16B", "I;16L"):
+                return np.asarray(image).astype(np.uint16)
+            if image.mode in ("L", "RGB", "RGBA"):
+                return np.asarray(image)
+            has_alpha = "A" in image.mode or "transparency" in image.info
+            return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def write_image(image: np.ndarray, path: Path) -> Path:
+    """Write atomically; an image with alpha goes to PNG when the suffix cannot hold alpha."""
+    if image.ndim == 3 and image.shape[-1] == 4 and path.suffix.lower() in (".jpg", ".jpeg", ".bmp"):
+        path = path.with_suffix(".png")
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        Image.fromarray(image).save(temporary, quality=95) if path.suffix.lower() in (".jpg", ".jpeg") \
+            else Image.fromarray(image).save(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def input_files(inputs: list[Path]) -> list[tuple[Path, Path]]:
+    """(file, name relative to its input) for files and folders (searched recursively)."""
+    found = []
+    for item in inputs:
+        if item.is_dir():
+            found += [(f, f.relative_to(item)) for f in sorted(item.rglob("*"))
+                      if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        elif item.is_file():
+            found.append((item, Path(item.name)))
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+    return found
+
+
+def _size_key(path: Path):
+    """Sort key that puts images of one size together (so batches share a shape)."""
+    try:
+        with Image.open(path) as image:
+            return (0, image.size)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return (1, (0, 0))
+
+
+def restore_files(restorer: Restorer, files: list[tuple[Path, Path]], output: Path) -> list[dict]:
+    """Restore `files` into `output`; one record per file (status ok or error)."""
+    records = []
+    ordered = sorted(files, key=lambda item: _size_key(item[0]))
+    batch_size = restorer.settings.batch_size
+    progress = tqdm(total=len(ordered), desc="restore", unit="image", dynamic_ncols=True)
+    for start in range(0, len(ordered), batch_size):
+        chunk, images = [], []
+        for source, name in ordered[start:start + batch_size]:
+            try:
+                images.append(read_image(source))
+                chunk.append((source, name))
+            except ImageReadError as e:
+                tqdm.write(f"skipped {e}")
+                records.append({"input": str(source), "status": "error", "error": str(e)})
+                progress.update(1)
+        if not images:
+            continue
+        began = time.perf_counter()
+        restored = restorer.restore(images)
+        seconds = (time.perf_counter() - began) / len(images)
+        for (source, name), image, result in zip(chunk, images, restored):
+            written = write_image(result, output / name)
+            records.append({"input": str(source), "output": str(written), "status": "ok",
+                            "size": list(image.shape[:2]), "seconds": round(seconds, 4)})
+            progress.update(1)
+    progress.close()
+    return records
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser):
+    """Options shared by `restore` and `evaluate.py`: the model and how it restores."""
+    defaults = RestoreSettings()
+    parser.add_argument("--ckpt", required=True, type=Path,
+                        help="a restore bundle, or a training run's workdir / checkpoints folder / step folder")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="compute dtype; auto = bfloat16 on accelerators, float32 on CPU")
+    parser.add_argument("--sd", help="the SD 2.1-base folder, if not where the checkpoint says")
+    parser.add_argument("--adm", help="the converted ADM file, if not where the checkpoint says")
+    parser.add_argument("--prompts", help="the prompt-embeddings file, if not where the checkpoint says")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--bucket", type=int, default=defaults.bucket, help="pad sides to multiples of this")
+    parser.add_argument("--tile", type=int, default=defaults.tile, help="tile side in pixels")
+    parser.add_argument("--tile-overlap", type=int, default=defaults.tile_overlap)
+    parser.add_argument("--tile-above", type=int, default=defaults.tile_above,
+                        help="restore in tiles above this many (padded) pixels; 0 = always")
+    parser.add_argument("--color-fix", default=defaults.color_fix, choices=sorted(COLOR_FIXES))
+    parser.add_argument("--min-side", type=int, default=defaults.min_side)
+
+
+def settings_from(args) -> RestoreSettings:
+    return RestoreSettings(batch_size=args.batch_size, bucket=args.bucket, tile=args.tile,
+                           tile_overlap=args.tile_overlap, tile_above=args.tile_above, color_fix=args.color_fix,
+                           min_side=args.min_side)
+
+
+def restorer_from(args) -> tuple[Restorer, dict, Loaded]:
+    """The Restorer the arguments describe, a record of its settings for logs, and the loaded
+    model with its config."""
+    loaded = load_model(args.ckpt, dtype=args.dtype, base={"sd": args.sd, "adm": args.adm, "prompts": args.prompts})
+    restorer = Restorer(loaded.model, settings_from(args), use_hde=loaded.use_hde)
+    settings = {"ckpt": loaded.source, "stage": loaded.stage, "dtype": jnp.dtype(loaded.model.unet.dtype).name,
+                "device": str(jax.devices()[0]), **vars(restorer.settings)}
+    return restorer, settings, loaded
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="restore", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
+    parser.add_argument("--output", required=True, type=Path, help="the folder restored images go to")
+    add_settings_arguments(parser)
+    args = parser.parse_args(argv)
+    return restore_command(parser, args, args.inputs, args.output)
+
+
+def restore_command(parser: argparse.ArgumentParser, args, inputs: list[Path], output: Path) -> int:
+    """Restore `inputs` into `output` with the model and settings of `args`; writes the log.
+    Returns the exit status: 1 when any file failed."""
+    try:
+        files = input_files(inputs)
+    except FileNotFoundError as e:
+        parser.error(str(e))
+    if not files:
+        parser.error(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, inputs))}")
+    restorer, settings, _ = restorer_from(args)
+    records = restore_files(restorer, files, output)
+    failed = [r for r in records if r["status"] != "ok"]
+    log = {"settings": settings, "files": records, "restored": len(records) - len(failed), "failed": len(failed)}
+    output.mkdir(parents=True, exist_ok=True)
+    (output / LOG_FILE).write_text(json.dumps(log, indent=2))
+    print(f"restored {log['restored']} of {len(records)} images into {output}"
+          + (f"; {len(failed)} failed (see {output / LOG_FILE})" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
