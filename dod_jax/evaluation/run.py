@@ -148,8 +148,8 @@ def evaluate(restorer: Restorer, items: list[Item], out: Path, scorer: Scorer, p
             cli.write_image(images["dod"], out / "restored" / item.task / f"{item.name}.png")
             sheet = [images["lq"], images["dod"]] + ([_quantised(gt)] if gt is not None else [])
             cli.write_image(np.concatenate(sheet, axis=1), out / "sheets" / item.task / f"{item.name}.png")
-            row = {"task": item.task, "image": item.name, "lq": str(item.lq or f"{item.gt} + noise"),
-                   "gt": str(item.gt) if item.gt else None}
+            row = {"task": item.task, "image": item.name, "lq_file": str(item.lq) if item.lq else None,
+                   "gt_file": str(item.gt) if item.gt else None, "sigma": item.sigma}
             for method, image in images.items():
                 row[method] = scorer.scores(image.astype(np.float32) / 255.0, gt)
             rows.append(row)
