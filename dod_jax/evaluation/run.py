@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import zlib
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -96,11 +97,12 @@ def _quantised(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _read(item: Item, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """(LQ, GT or None) as float [0, 1] RGB; denoising LQs are seeded by sigma and index."""
+def _read(item: Item) -> tuple[np.ndarray, np.ndarray | None]:
+    """(LQ, GT or None) as float [0, 1] RGB; denoising noise is seeded by sigma and file name,
+    so an image gets the same noise whatever else is evaluated."""
     gt = layouts.read_rgb(item.gt) if item.gt is not None else None
     if item.lq is None:
-        return deg.gaussian_noise(gt, item.sigma, seed=[int(item.sigma), index]), gt
+        return deg.gaussian_noise(gt, item.sigma, seed=[int(item.sigma), zlib.crc32(item.name.encode())]), gt
     return layouts.read_rgb(item.lq), gt
 
 
@@ -135,14 +137,16 @@ def evaluate(restorer: Restorer, items: list[Item], out: Path, scorer: Scorer, p
     progress = tqdm(total=len(items), desc="evaluate", unit="image", dynamic_ncols=True)
     for start in range(0, len(items), batch):
         chunk, lqs, gts = [], [], []
-        for index, item in enumerate(items[start:start + batch], start):
+        for item in items[start:start + batch]:
             try:
-                lq, gt = _read(item, index)
+                lq, gt = _read(item)
             except layouts.DataError as e:
                 problems.append(str(e))
                 progress.update(1)
                 continue
-            chunk.append(item), lqs.append(lq), gts.append(gt)
+            chunk.append(item)
+            lqs.append(lq)
+            gts.append(gt)
         for item, lq, gt, restored in zip(chunk, lqs, gts, restorer.restore(lqs) if lqs else []):
             images = {"lq": _quantised(lq), "dod": _quantised(restored)}
             cli.write_image(images["dod"], out / "restored" / item.task / f"{item.name}.png")

@@ -64,8 +64,8 @@ def write_image(image: np.ndarray, path: Path) -> Path:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(handle)
     try:
-        Image.fromarray(image).save(temporary, quality=95) if path.suffix.lower() in (".jpg", ".jpeg") \
-            else Image.fromarray(image).save(temporary)
+        options = {"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}
+        Image.fromarray(image).save(temporary, **options)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -29,14 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dod_jax.dod.images import Prepared, finish, prepare
+from dod_jax.dod.images import MULTIPLE, Prepared, finish, prepare
 from dod_jax.dod.model import DOD
 from dod_jax.image_ops import resize_float
 from dod_jax.restore.color import COLOR_FIXES
 from dod_jax.restore.tiles import blend
-
-MULTIPLE = 8  # DOD's input sides
-
 
 @dataclasses.dataclass
 class RestoreSettings:
