@@ -35,9 +35,11 @@ demo: $(VENV)/.core $(LPIPS_WEIGHTS)
 test: $(VENV)/.test $(LPIPS_WEIGHTS)
 	$(PY) -m pytest -q tests
 
-bench: $(VENV)/.test
+bench: $(VENV)/.test $(LPIPS_WEIGHTS)
 	$(PY) bench/forward.py
 	$(PY) bench/input_pipeline.py
+	$(PY) bench/train_step.py
+	$(PY) bench/restore.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
