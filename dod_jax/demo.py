@@ -25,7 +25,7 @@ from absl import logging as absl_logging
 
 from dod_jax.configs import load_config
 from dod_jax.evaluation.iqa import PyiqaMetrics
-from dod_jax.evaluation.run import Scorer, evaluate as evaluate_items, layout_items
+from dod_jax.evaluation.run import Scorer, evaluate as evaluate_items, first_per_column, layout_items
 from dod_jax.restore.bundle import load_model
 from dod_jax.restore.engine import Restorer, RestoreSettings
 from dod_jax.training.loop import demo_root, run
@@ -40,7 +40,7 @@ def evaluate(config, checkpoints: Path, data_root: Path, out: Path, per_task: in
     loaded = load_model(checkpoints, dtype="float32")
     restorer = Restorer(loaded.model, RestoreSettings(batch_size=2), use_hde=loaded.use_hde)
     items, problems = layout_items(data_root, "aio5", EVAL_TASKS)
-    items = [i for task in dict.fromkeys(i.task for i in items) for i in [j for j in items if j.task == task][:per_task]]
+    items = first_per_column(items, per_task)
     scorer = Scorer("rgb", 0, config.train.lpips_weights, PyiqaMetrics())
     return evaluate_items(restorer, items, out, scorer, problems,
                           {"ckpt": str(checkpoints), "note": "random base weights: a pipeline check, not quality"})

@@ -40,6 +40,7 @@ from dod_jax.data import degradations as deg
 from dod_jax.data import layouts
 from dod_jax.evaluation import metrics
 from dod_jax.evaluation.iqa import LOWER_IS_BETTER, PER_IMAGE, PER_SET, PyiqaMetrics
+from dod_jax.image_ops import to_uint8
 from dod_jax.losses.lpips import load_lpips
 from dod_jax.restore import cli
 from dod_jax.restore.engine import Restorer
@@ -94,7 +95,14 @@ def folder_items(folder: Path, gt_folder: Path | None) -> tuple[list[Item], list
 
 
 def _quantised(image: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    """[0, 1] -> the 8-bit image that is written and scored."""
+    return to_uint8(image * 2.0 - 1.0)
+
+
+def first_per_column(items: list[Item], limit: int | None) -> list[Item]:
+    """At most `limit` items of each table column, in their order (all when limit is None)."""
+    columns = dict.fromkeys(i.task for i in items)
+    return [i for task in columns for i in [j for j in items if j.task == task][:limit]]
 
 
 def _read(item: Item) -> tuple[np.ndarray, np.ndarray | None]:
@@ -276,9 +284,7 @@ def main(argv=None) -> int:
     layout = detect_layout(args.data) if args.layout == "auto" else args.layout
     items, problems = (folder_items(args.data, args.gt) if layout == "folder"
                        else layout_items(args.data, layout, tuple(args.tasks) if args.tasks else None))
-    if args.limit:
-        items = [i for task in dict.fromkeys(i.task for i in items)
-                 for i in [j for j in items if j.task == task][:args.limit]]
+    items = first_per_column(items, args.limit)
     if not items:
         print("\n".join(problems), file=sys.stderr)
         parser.error(f"no test images found in {args.data} (layout {layout})")
