@@ -97,7 +97,7 @@ def load_model(path: str | os.PathLike, *, dtype: str = "auto", base: dict[str, 
         _fill_from_bundle(model, path / PARAMS_FILE)
     else:
         from dod_jax.training.checkpoints import load_trained_params
-        load_trained_params(model, _checkpoint_dir(path), stages=("stage1", "stage2"))
+        load_trained_params(model, path, stages=("stage1", "stage2"))
     return Loaded(model, config, meta["stage"], str(path))
 
 
@@ -111,26 +111,13 @@ def _read_bundle_meta(path: Path) -> dict:
     return meta
 
 
-def _checkpoint_dir(path: Path) -> Path:
-    """A run workdir stands for its checkpoints folder."""
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
-
-
 def _checkpoint_meta(path: Path) -> dict:
-    from dod_jax.training.checkpoints import CheckpointError, Checkpoints
-    directory = _checkpoint_dir(path)
-    if (directory / "meta").is_dir():
-        directory, step = directory.parent, int(directory.name)
-    else:
-        step = None
+    from dod_jax.training.checkpoints import CheckpointError, locate
     try:
-        checkpoints = Checkpoints(directory, read_only=True)
-        step = checkpoints.latest_step() if step is None else step
-        if step is None:
-            raise BundleError(f"{directory}: neither a restore bundle ({BUNDLE_FILE}) nor a checkpoint folder")
+        checkpoints, step = locate(path)
         return checkpoints.meta(step)
     except CheckpointError as e:
-        raise BundleError(str(e)) from e
+        raise BundleError(f"{e} (and {path} is no restore bundle: it has no {BUNDLE_FILE})") from e
 
 
 def _check_base(config, recorded: dict, source: Path):

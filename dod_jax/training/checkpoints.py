@@ -71,11 +71,13 @@ class Checkpoints:
         self.manager.close()
 
 
-def load_trained_params(model, path: str | os.PathLike, stages=("stage1",)) -> dict:
-    """Put the parameters of `stages` from a checkpoint into `model`; `path` is a run's
-    checkpoint directory (its latest step is used) or one step's directory. Returns its meta."""
+def locate(path: str | os.PathLike) -> tuple[Checkpoints, int]:
+    """The checkpoints and the step that `path` names: a run's workdir or its checkpoints
+    directory (the latest step), or one step's directory."""
     path = Path(path).resolve()
-    if (path / "params").is_dir():
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if (path / "meta").is_dir():
         directory, step = path.parent, int(path.name)
     else:
         directory, step = path, None
@@ -83,6 +85,14 @@ def load_trained_params(model, path: str | os.PathLike, stages=("stage1",)) -> d
     step = checkpoints.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"{directory}: holds no checkpoint")
+    return checkpoints, step
+
+
+def load_trained_params(model, path: str | os.PathLike, stages=("stage1",)) -> dict:
+    """Put the parameters of `stages` from a checkpoint into `model`; `path` as `locate` takes
+    it. Returns its meta."""
+    checkpoints, step = locate(path)
+    directory = checkpoints.directory
     wanted = nnx.state(model, nnx.Any(*(trainable(s) for s in stages)))
     target = nnx.to_pure_dict(all_trained(model))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
