@@ -151,3 +151,25 @@ def test_evaluate_restores_a_folder_and_times_restores(bundle_and_data, tmp_path
     assert [r["merged_clora"] for r in report] == [False, True]
     assert all(r["size"] == 64 and r["seconds_per_image"] > 0 and r["backend"] == "cpu" for r in report)
     assert "ms per image" in printed
+
+
+def test_evaluation_without_pyiqa_reports_the_perceptual_columns_unavailable(bundle_and_data, monkeypatch):
+    """The core install has no pyiqa: evaluation still runs, and the table names why LPIPS-Alex,
+    DISTS, FID, CLIPIQA, NIQE, MUSIQ and MANIQA are missing."""
+    import sys
+    from dod_jax.evaluation.iqa import PER_IMAGE, PER_SET
+    monkeypatch.setitem(sys.modules, "pyiqa", None)  # `import pyiqa` now fails as where it is not installed
+    bridge = PyiqaMetrics()
+    assert not bridge.metrics and set(bridge.unavailable) == set(PER_IMAGE + PER_SET)
+    assert all("pyiqa is not installed" in why for why in bridge.unavailable.values())
+    image = demo_photos()["coffee"][:32, :32].astype(np.float32) / 255
+    assert bridge.image_scores(image, image) == {} and bridge.set_score("fid", ".", ".") is None
+    bundle, data, root = bundle_and_data
+    out = root / "eval_without_pyiqa"
+    assert evaluate_main(["--ckpt", str(bundle), "--data", str(data), "--tasks", "derain", "--out", str(out),
+                          "--min-side", "64"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["unavailable"]) == set(PER_IMAGE + PER_SET)
+    assert {"psnr", "ssim", "lpips_vgg"} <= set(results["tasks"]["derain"]["dod"])
+    table = (out / "results.md").read_text()
+    assert "- dists: pyiqa is not installed" in table and "| — |" in table

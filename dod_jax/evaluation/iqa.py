@@ -52,6 +52,8 @@ class PyiqaMetrics:
     def image_scores(self, image: np.ndarray, reference: np.ndarray | None) -> dict[str, float]:
         """Scores of one (H, W, 3) image in [0, 1]; full-reference ones need `reference`."""
         scores = {}
+        if not self.metrics:
+            return scores
         tensor = lambda a: self._torch.from_numpy(np.ascontiguousarray(np.transpose(a, (2, 0, 1))[None],
                                                                        np.float32))
         with self._torch.no_grad():
