@@ -3,25 +3,35 @@
 The stage is config.train.stage; stage 2 reads the stage-1 run named by train.init_from.
 Running again with the same workdir continues from its latest checkpoint."""
 
+import argparse
 import json
+import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
+from dod_jax.configs import apply_overrides, load_config
+from dod_jax.errors import reported
 from dod_jax.training.loop import run
 
-CONFIG = config_flags.DEFINE_config_file("config", "configs/aio3.py", "a config file (get_config())")
-WORKDIR = flags.DEFINE_string("workdir", None, "the run's directory (checkpoints, logs, samples)", required=True)
-STOP_AT = flags.DEFINE_integer("stop_at", None, "stop (with a checkpoint) after this step; train.steps stays the goal")
 
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                                     epilog="Any config value can follow as --config.<key>=<value>, "
+                                            "e.g. --config.train.steps=1000 --config.data.root=data/aio3.")
+    parser.add_argument("--config", default="configs/aio3.py", help="a config file (get_config())")
+    parser.add_argument("--workdir", required=True, help="the run's directory (checkpoints, logs, samples)")
+    parser.add_argument("--stop_at", type=int, help="stop (with a checkpoint) after this step; train.steps stays the goal")
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.set_verbosity(logging.WARNING)  # orbax reports every save step at INFO
-    summary = run(CONFIG.value, WORKDIR.value, stop_at=STOP_AT.value)
+    with reported(parser.prog):
+        config = apply_overrides(load_config(args.config), [a[len("--config."):] for a in rest])
+        summary = run(config, args.workdir, stop_at=args.stop_at)
     print(json.dumps(summary))
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

@@ -1,7 +1,9 @@
-"""Config files are Python files with `get_config()` returning an ml_collections ConfigDict."""
+"""Config files are Python files with `get_config()` returning an ml_collections ConfigDict;
+command lines change single values with `--config.<key>=<value>` (`apply_overrides`)."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import sys
@@ -9,18 +11,48 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
+from dod_jax.errors import ConfigError
+
 
 def load_config(path: str | os.PathLike) -> ConfigDict:
     path = Path(path).resolve()
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise ConfigError(f"{path}: no such config file")
     # Config files import each other as `configs.<name>`: make the folder above importable.
     root = str(path.parent.parent)
     if root not in sys.path:
         sys.path.insert(0, root)
     spec = importlib.util.spec_from_file_location(f"configs.{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a config file is the user's code: any error in it is theirs to fix
+        raise ConfigError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from e
     if not hasattr(module, "get_config"):
-        raise AttributeError(f"config file {path} defines no get_config()")
+        raise ConfigError(f"{path}: defines no get_config(), so it is not a config file")
     return module.get_config()
+
+
+def apply_overrides(config: ConfigDict, overrides: list[str]) -> ConfigDict:
+    """Set `key.path=value` items on `config`. A value is read as a Python literal when it is
+    one (numbers, booleans, None, tuples, quoted strings) and as a plain string otherwise; the
+    config's own field types then check it. An unknown key or a wrong type is a ConfigError."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--config.{item}: expected --config.<key>=<value>")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *parents, leaf = key.split(".")
+        node = config
+        try:
+            for name in parents:
+                node = node[name]
+            if leaf not in node:
+                raise KeyError(leaf)
+            node[leaf] = value
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"--config.{key}: the config has no such key, or {value!r} does not fit it ({e})") from e
+    return config

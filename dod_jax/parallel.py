@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from dod_jax.errors import ConfigError
+
 BATCH_AXES = ("data", "fsdp")
 LAYOUT_AXES = {2: ("embed", "mlp"), 3: (None, "conv_in", "conv_out"), 4: (None, None, "conv_in", "conv_out")}
 
@@ -45,10 +47,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     if data == -1:
         if len(devices) % fsdp:
-            raise ValueError(f"fsdp={fsdp} does not divide the {len(devices)} devices")
+            raise ConfigError(f"fsdp={fsdp} does not divide the {len(devices)} devices")
         data = len(devices) // fsdp
     if data * fsdp != len(devices):
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not cover the {len(devices)} devices")
+        raise ConfigError(f"mesh data={data} x fsdp={fsdp} does not cover the {len(devices)} devices")
     return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
@@ -101,6 +103,6 @@ def rules_dict(rules: Iterable) -> dict[str, str | None]:
     out = {}
     for name, axis in rules:
         if axis is not None and axis not in BATCH_AXES:
-            raise ValueError(f"sharding rule {name!r} -> {axis!r}: mesh axes are {BATCH_AXES}")
+            raise ConfigError(f"sharding rule {name!r} -> {axis!r}: mesh axes are {BATCH_AXES}")
         out[name] = axis
     return out

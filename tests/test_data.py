@@ -225,7 +225,7 @@ def test_tfds_preparation_refuses_a_bad_folder_before_writing(demo_copy, tmp_pat
     with pytest.raises(DataError, match="rain-astronaut.png: no ground truth"):
         tfds_builder.prepare(demo_copy, "aio5", tmp_path / "tfds")
     assert not (tmp_path / "tfds").exists() or not any((tmp_path / "tfds").rglob("*.array_record*"))
-    with pytest.raises(FileNotFoundError, match="no prepared"):
+    with pytest.raises(DataError, match="no prepared"):
         tfds_builder.task_sources("aio5", tmp_path / "tfds", "train")
 
 

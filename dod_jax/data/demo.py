@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from dod_jax.data import degradations as deg
+from dod_jax.files import atomic_folder
 
 TEST_PHOTOS = ("chelsea", "coffee")
 SHORT_SIDE = 256
@@ -55,10 +54,7 @@ def _save(path: Path, image: np.ndarray):
 
 def write_demo_set(root: str | os.PathLike, seed: int = 0) -> Path:
     """Write the demo set under `root` (replacing a previous demo set there)."""
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    def fill(staging: Path):
         for index, (name, photo) in enumerate(sorted(demo_photos().items())):
             split = "test" if name in TEST_PHOTOS else "train"
             clean = photo.astype(np.float32) / 255.0
@@ -89,13 +85,8 @@ def write_demo_set(root: str | os.PathLike, seed: int = 0) -> Path:
                 _save(staging / gt_path, photo)
                 if degraded is not None:
                     _save(staging / lq_path, degraded)
-        if root.exists():
-            shutil.rmtree(root)
-        staging.rename(root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return root
+
+    return atomic_folder(root, fill, replace=True)
 
 
 def main(argv=None):

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dod_jax.errors import InputError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 DENOISE_SIGMAS = (15.0, 25.0, 50.0)
 AIO3_TASKS = ("denoise", "derain", "dehaze")
@@ -41,7 +43,7 @@ LAYOUT_TASKS = {"aio3": AIO3_TASKS, "aio5": AIO5_TASKS, "cdd11": CDD11_TYPES}
 SPLITS = ("train", "test")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data folder that cannot be used as it is; the message lists every problem and file."""
 
 

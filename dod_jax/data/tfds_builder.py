@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dod_jax.data.layouts import LAYOUT_TASKS, Pair, checked_pairs
+from dod_jax.data.layouts import LAYOUT_TASKS, DataError, Pair, checked_pairs
 
 NAME = "all_in_one"
 VERSION = "1.0.0"
@@ -87,7 +87,7 @@ def task_sources(layout: str, data_dir: str | os.PathLike, split: str) -> dict[s
     """{task: random-access data source} of a prepared dataset, for pipeline.TrainBatches."""
     builder = AllInOne(config=layout, data_dir=str(data_dir))
     if not builder.is_prepared():
-        raise FileNotFoundError(f"{data_dir}: no prepared {NAME}/{layout} dataset (run prepare first)")
+        raise DataError(f"{data_dir}: no prepared {NAME}/{layout} dataset (run prepare first)")
     return {name[len(split) + 1:]: builder.as_data_source(split=name)
             for name in builder.info.splits if name.startswith(split + "_")}
 

@@ -16,13 +16,14 @@ from flax import nnx
 
 from dod_jax.dod.model import DOD
 from dod_jax.dod.prompts import load_prompt_embeddings
+from dod_jax.errors import ConfigError
 from dod_jax.models.adm import ADMConfig, ADMEncoder
 from dod_jax.models.layers import FixedKeyRngs, NumpyRngs
 from dod_jax.models.unet import UNet2DCondition, UNetConfig
 from dod_jax.models.vae import AutoencoderKL, VAEConfig
 from dod_jax.schedule import DDPMSchedule
 from dod_jax.weights.adm import load_adm
-from dod_jax.weights.diffusers import SDPipeline, load_pipeline
+from dod_jax.weights.diffusers import SDPipeline, WeightsError, load_pipeline
 
 
 @dataclasses.dataclass
@@ -79,11 +80,11 @@ def base_models(config, *, dtype: str | None = None) -> BaseModels:
         return random_base(config, config.base.random_seed, dtype=dtype, remat=remat)
     missing = [f"base.{k} ({what})" for k, what in BASE_FILES.items() if not config.base[k]]
     if missing:
-        raise ValueError(f"the config names no {', '.join(missing)}; or set base.random_seed >= 0 for random weights")
+        raise ConfigError(f"the config names no {', '.join(missing)}; or set base.random_seed >= 0 for random weights")
     absent = [f"base.{k} = {config.base[k]} ({what})" for k, what in BASE_FILES.items()
               if not Path(config.base[k]).exists()]
     if absent:
-        raise FileNotFoundError("base weights not found: " + "; ".join(absent))
+        raise WeightsError("base weights not found: " + "; ".join(absent))
     return load_base(config.base.sd, config.base.adm, config.base.prompts, dtype=dtype, remat=remat)
 
 

@@ -23,6 +23,7 @@ from flax import nnx
 from dod_jax import adapters
 from dod_jax.dod.hde import HDE
 from dod_jax.dod.modulator import UNET_GROUPS, Modulator, unet_block_group
+from dod_jax.errors import ConfigError
 from dod_jax.models.adm import ADMEncoder
 from dod_jax.models.unet import UNet2DCondition
 from dod_jax.models.vae import AutoencoderKL
@@ -57,7 +58,7 @@ class DOD(nnx.Module):
             index = {p: i for i, p in enumerate(unet_paths)}
             unet_key, num_prompts = index.__getitem__, len(unet_paths)
         else:
-            raise ValueError(f"dod.prompts must be 'group' or 'layer', got {cfg.prompts!r}")
+            raise ConfigError(f"dod.prompts must be 'group' or 'layer', got {cfg.prompts!r}")
         vae_key = None
         if cfg.clora and cfg.clora_in_vae:
             vae_key, num_prompts = (lambda _, k=num_prompts: k), num_prompts + 1  # one more prompt for the encoder
@@ -166,7 +167,7 @@ STAGE_GROUPS = {
 def trainable(stage: str):
     """The NNX filter of what `stage` ('stage1' or 'stage2') trains."""
     if stage not in STAGE_GROUPS:
-        raise ValueError(f"stage must be one of {sorted(STAGE_GROUPS)}, got {stage!r}")
+        raise ConfigError(f"stage must be one of {sorted(STAGE_GROUPS)}, got {stage!r}")
     return nnx.All(nnx.Param, nnx.Any(*STAGE_GROUPS[stage].values()))
 
 

@@ -19,7 +19,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from dod_jax.weights.diffusers import WeightsError, atomic_write
+from dod_jax.files import atomic_write
+from dod_jax.weights.diffusers import WeightsError
 
 KEYS = ("prompt", "negative_prompt")
 
@@ -30,7 +31,6 @@ def save_prompt_embeddings(path: str | os.PathLike, prompt: np.ndarray, negative
     if prompt.ndim != 2 or prompt.shape != negative_prompt.shape:
         raise ValueError(f"prompt embeddings must be two (tokens, dim) arrays of one shape, got "
                          f"{prompt.shape} and {negative_prompt.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"prompt": np.asarray(prompt, np.float32), "negative_prompt": np.asarray(negative_prompt, np.float32)}
     atomic_write(path, lambda p: save_file(tensors, p, metadata={"prompt_text": texts[0],
                                                                  "negative_prompt_text": texts[1]}))

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from dod_jax.data import degradations as deg
 from dod_jax.data import layouts
 from dod_jax.evaluation import metrics
+from dod_jax.errors import InputError, reported
 from dod_jax.evaluation.iqa import LOWER_IS_BETTER, PER_IMAGE, PER_SET, PyiqaMetrics
 from dod_jax.image_ops import to_uint8
 from dod_jax.losses.lpips import load_lpips
@@ -143,6 +144,7 @@ def evaluate(restorer: Restorer, items: list[Item], out: Path, scorer: Scorer, p
     rows, problems = [], list(problems)
     batch = restorer.settings.batch_size
     progress = tqdm(total=len(items), desc="evaluate", unit="image", dynamic_ncols=True)
+    restorer.status = progress.set_postfix_str  # shows when a new shape compiles
     for start in range(0, len(items), batch):
         chunk, lqs, gts = [], [], []
         for item in items[start:start + batch]:
@@ -263,10 +265,18 @@ def main(argv=None) -> int:
     modes = [bool(args.data), bool(args.input), args.time]
     if sum(modes) != 1:
         parser.error("give one of --data (evaluate), --input (restore) or --time")
+    if args.input and not args.output:
+        parser.error("--input needs --output")
+    if args.data and not args.out:
+        parser.error("--data needs --out")
+    with reported(parser.prog):
+        return run_mode(args)
+
+
+def run_mode(args) -> int:
+    """The mode the arguments ask for (restore a folder, time, or evaluate) -> exit status."""
     if args.input:
-        if not args.output:
-            parser.error("--input needs --output")
-        return cli.restore_command(parser, args, [args.input], args.output)
+        return cli.restore_command(args, [args.input], args.output)
     restorer, settings, loaded = cli.restorer_from(args)
     if args.time:
         report = [restorer.time(args.time_size, 1, args.time_runs, args.time_warmup),
@@ -279,15 +289,13 @@ def main(argv=None) -> int:
                   f"per image, {r['images_per_second']:.2f} images/s")
         print(json.dumps(report, indent=2))
         return 0
-    if not args.out:
-        parser.error("--data needs --out")
     layout = detect_layout(args.data) if args.layout == "auto" else args.layout
     items, problems = (folder_items(args.data, args.gt) if layout == "folder"
                        else layout_items(args.data, layout, tuple(args.tasks) if args.tasks else None))
     items = first_per_column(items, args.limit)
     if not items:
-        print("\n".join(problems), file=sys.stderr)
-        parser.error(f"no test images found in {args.data} (layout {layout})")
+        raise InputError(f"{args.data}: no test images found (layout {layout})"
+                         + (f": {'; '.join(problems[:3])}" if problems else ""))
     lpips_weights = args.lpips_weights or loaded.config.train.lpips_weights
     scorer = Scorer(args.color, args.crop_border, lpips_weights, PyiqaMetrics(args.pyiqa or ()))
     results = evaluate(restorer, items, args.out, scorer, problems,

@@ -32,9 +32,10 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from dod_jax.files import atomic_write
 from dod_jax.models.layers import Conv2d, FixedKeyRngs
 from dod_jax.weights.diffusers import (
-    WeightsError, atomic_write, fill_parameters, from_torch_layout, param_table, safetensors_source, to_torch_layout)
+    WeightsError, fill_parameters, from_torch_layout, param_table, safetensors_source, to_torch_layout)
 
 # torchvision's vgg16.features: (index, in, out) of each 3x3 conv; a 2x2 max-pool follows the
 # last conv of the first four stages; LPIPS taps the ReLU after the last conv of each stage.
@@ -111,7 +112,6 @@ def save_lpips(tensors: dict[str, np.ndarray], out: str | os.PathLike, source: s
     if missing or misshaped:
         raise WeightsError(f"{source}: not LPIPS-VGG16 weights; missing {missing}, mis-shaped {misshaped}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     arrays = {n: np.ascontiguousarray(tensors[n], dtype=np.float32) for n in table}
     atomic_write(out, lambda p: save_file(arrays, p, metadata={"format": "pt", "lpips": "v0.1 vgg16"}))
     return out

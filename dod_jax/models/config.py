@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from dod_jax.errors import ConfigError
 
-class UnsupportedConfigError(ValueError):
-    pass
+
+class UnsupportedConfigError(ConfigError):
+    """A model config that asks for a feature these ports do not implement."""
 
 
 def check_config(config: Mapping[str, Any], *, read: set[str], ignored: set[str],

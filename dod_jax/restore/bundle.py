@@ -18,8 +18,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -30,13 +28,15 @@ from safetensors.numpy import load_file, save_file
 
 from dod_jax.dod.build import BASE_FILES, base_identity, base_models, build_dod
 from dod_jax.dod.model import DOD, all_trained
+from dod_jax.errors import InputError
+from dod_jax.files import atomic_folder
 
 FORMAT = "dod-jax restore bundle"
 VERSION = 1
 BUNDLE_FILE, PARAMS_FILE = "bundle.json", "params.safetensors"
 
 
-class BundleError(ValueError):
+class BundleError(InputError):
     """A bundle or checkpoint that cannot be loaded; the message names the file and the cause."""
 
 
@@ -61,15 +61,13 @@ def save_bundle(model: DOD, config, stage: str, out: str | os.PathLike) -> Path:
     flat = _flat_names(nnx.to_pure_dict(all_trained(model)))
     meta = {"format": FORMAT, "version": VERSION, "stage": stage, "config": json.loads(config.to_json()),
             "base": base_identity(config)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file({k: np.array(v, order="C") for k, v in flat.items()}, str(staging / PARAMS_FILE))  # 0-d stays 0-d
+    tensors = {k: np.array(v, order="C") for k, v in flat.items()}  # 0-d stays 0-d
+
+    def fill(staging: Path):
+        save_file(tensors, str(staging / PARAMS_FILE))
         (staging / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    atomic_folder(out, fill)
     return out
 
 

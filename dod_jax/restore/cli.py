@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +25,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from dod_jax.data.layouts import IMAGE_SUFFIXES
+from dod_jax.errors import InputError, reported
+from dod_jax.files import atomic_write
 from dod_jax.restore.bundle import Loaded, load_model
 from dod_jax.restore.color import COLOR_FIXES
 from dod_jax.restore.engine import Restorer, RestoreSettings
@@ -34,7 +34,7 @@ from dod_jax.restore.engine import Restorer, RestoreSettings
 LOG_FILE = "restore_log.json"
 
 
-class ImageReadError(ValueError):
+class ImageReadError(InputError):
     """An input that is not a readable image; the message names the file."""
 
 
@@ -60,17 +60,8 @@ def write_image(image: np.ndarray, path: Path) -> Path:
         path = path.with_suffix(".png")
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        options = {"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}
-        Image.fromarray(image).save(temporary, **options)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    options = {"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}
+    return atomic_write(path, lambda temporary: Image.fromarray(image).save(temporary, **options))
 
 
 def input_files(inputs: list[Path]) -> list[tuple[Path, Path]]:
@@ -78,12 +69,17 @@ def input_files(inputs: list[Path]) -> list[tuple[Path, Path]]:
     found = []
     for item in inputs:
         if item.is_dir():
-            found += [(f, f.relative_to(item)) for f in sorted(item.rglob("*"))
-                      if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+            try:
+                found += [(f, f.relative_to(item)) for f in sorted(item.rglob("*"))
+                          if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+            except OSError as e:
+                raise InputError(f"{item}: the folder cannot be read ({e.strerror or e})") from e
         elif item.is_file():
             found.append((item, Path(item.name)))
         else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
+            raise InputError(f"{item}: no such file or folder")
+    if not found:
+        raise InputError(f"{', '.join(map(str, inputs))}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
     return found
 
 
@@ -102,6 +98,7 @@ def restore_files(restorer: Restorer, files: list[tuple[Path, Path]], output: Pa
     ordered = sorted(files, key=lambda item: _size_key(item[0]))
     batch_size = restorer.settings.batch_size
     progress = tqdm(total=len(ordered), desc="restore", unit="image", dynamic_ncols=True)
+    restorer.status = progress.set_postfix_str  # shows when a new shape compiles
     for start in range(0, len(ordered), batch_size):
         chunk, images = [], []
         for source, name in ordered[start:start + batch_size]:
@@ -168,18 +165,14 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, type=Path, help="the folder restored images go to")
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
-    return restore_command(parser, args, args.inputs, args.output)
+    with reported(parser.prog):
+        return restore_command(args, args.inputs, args.output)
 
 
-def restore_command(parser: argparse.ArgumentParser, args, inputs: list[Path], output: Path) -> int:
+def restore_command(args, inputs: list[Path], output: Path) -> int:
     """Restore `inputs` into `output` with the model and settings of `args`; writes the log.
     Returns the exit status: 1 when any file failed."""
-    try:
-        files = input_files(inputs)
-    except FileNotFoundError as e:
-        parser.error(str(e))
-    if not files:
-        parser.error(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, inputs))}")
+    files = input_files(inputs)
     restorer, settings, _ = restorer_from(args)
     records = restore_files(restorer, files, output)
     failed = [r for r in records if r["status"] != "ok"]

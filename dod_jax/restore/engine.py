@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from flax import nnx
 
 from dod_jax.dod.images import MULTIPLE, Prepared, finish, prepare
 from dod_jax.dod.model import DOD
+from dod_jax.errors import ConfigError
 from dod_jax.image_ops import resize_float
 from dod_jax.restore.color import COLOR_FIXES
 from dod_jax.restore.tiles import blend
@@ -47,23 +48,28 @@ class RestoreSettings:
 
     def check(self):
         if self.color_fix not in COLOR_FIXES:
-            raise ValueError(f"color_fix must be one of {sorted(COLOR_FIXES)}, got {self.color_fix!r}")
+            raise ConfigError(f"color_fix must be one of {sorted(COLOR_FIXES)}, got {self.color_fix!r}")
         for name in ("bucket", "tile", "tile_overlap"):
             if getattr(self, name) % MULTIPLE:
-                raise ValueError(f"{name} must be a multiple of {MULTIPLE}, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be a multiple of {MULTIPLE}, got {getattr(self, name)}")
         if not 0 <= self.tile_overlap < self.tile:
-            raise ValueError(f"tile_overlap must be in [0, tile), got {self.tile_overlap} with tile {self.tile}")
+            raise ConfigError(f"tile_overlap must be in [0, tile), got {self.tile_overlap} with tile {self.tile}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
 class Restorer:
     """`restore(images)` for a list of images (any size, layout, dtype; see dod.images).
-    `use_hde=False` decodes without DEMs (a stage-1 model)."""
+    `use_hde=False` decodes without DEMs (a stage-1 model). `status(text)`, when given, hears
+    "compiling ..." before a call that compiles a new shape and "" once it has run (progress
+    bars show it, as the first image of a shape can take a minute)."""
 
-    def __init__(self, model: DOD, settings: RestoreSettings | None = None, *, use_hde: bool = True):
+    def __init__(self, model: DOD, settings: RestoreSettings | None = None, *, use_hde: bool = True,
+                 status: Callable[[str], None] | None = None):
         self.settings = settings or RestoreSettings()
         self.settings.check()
+        self.status = status
+        self._compiled: set[tuple] = set()
         self.mfm_size, self.use_hde = model.mfm_size, use_hde
         self.latent_scale = 2 ** (len(model.vae.config.block_out_channels) - 1)  # pixels per latent
         graphdef, self.state = nnx.split(model)
@@ -104,10 +110,24 @@ class Restorer:
                 chunk = indices[start:start + s.batch_size]
                 batch = np.stack([prepared[i].padded for i in chunk])
                 filled = np.concatenate([batch, np.repeat(batch[-1:], s.batch_size - len(chunk), 0)])
-                out = np.asarray(self._whole(self.state, jnp.asarray(filled * 2.0 - 1.0)), np.float32)
+                lq = jnp.asarray(filled * 2.0 - 1.0)
+                out = np.asarray(self._compiling(self._whole, "restore step", self.state, lq), np.float32)
                 for j, i in enumerate(chunk):
                     restored[i] = (out[j] + 1.0) / 2.0
         return [self._finish(p, r) for p, r in zip(prepared, restored)]
+
+    def _compiling(self, fn: Callable, name: str, *args):
+        """fn(*args), reporting the compile when this (function, shapes) pair is new."""
+        shapes = tuple(a.shape for a in args[1:] if hasattr(a, "shape"))
+        key = (name,) + shapes
+        if key in self._compiled or self.status is None:
+            return fn(*args)
+        batch, h, w = shapes[0][:3]
+        self.status(f"compiling the {name} for {batch} x {h}x{w}")
+        out = jax.block_until_ready(fn(*args))
+        self._compiled.add(key)
+        self.status("")
+        return out
 
     def tiled(self, padded_size: tuple[int, int]) -> bool:
         return padded_size[0] * padded_size[1] > self.settings.tile_above
@@ -141,7 +161,7 @@ class Restorer:
         h, w = padded.shape[:2]
         lq = padded * 2.0 - 1.0
         film_input = lq if self.mfm_size else resize_float(padded, (s.tile, s.tile)) * 2.0 - 1.0
-        film = self._film(self.state, jnp.asarray(film_input[None]))
+        film = self._compiling(self._film, "modulation", self.state, jnp.asarray(film_input[None]))
         scale = self.latent_scale
         size = (h // scale, w // scale)
         tile = (min(s.tile, h) // scale, min(s.tile, w) // scale)
@@ -150,11 +170,15 @@ class Restorer:
         def pixels(y, x):
             return jnp.asarray(lq[None, y * scale:(y + tile[0]) * scale, x * scale:(x + tile[1]) * scale])
 
-        z = blend(lambda y, x: self._encode(self.state, pixels(y, x), film)[0], size, tile, overlap)
-        x0 = blend(lambda y, x: self._latent(self.state, jnp.asarray(z[None, y:y + tile[0], x:x + tile[1]]), film)[0],
+        def latent_tile(array, y, x):
+            return jnp.asarray(array[None, y:y + tile[0], x:x + tile[1]])
+
+        z = blend(lambda y, x: self._compiling(self._encode, "encoder tile", self.state, pixels(y, x), film)[0],
+                  size, tile, overlap)
+        x0 = blend(lambda y, x: self._compiling(self._latent, "UNet tile", self.state, latent_tile(z, y, x), film)[0],
                    size, tile, overlap)
-        out = blend(lambda y, x: self._decode(self.state, pixels(y, x), jnp.asarray(x0[None, y:y + tile[0],
-                                                                                       x:x + tile[1]]), film)[0],
+        out = blend(lambda y, x: self._compiling(self._decode, "decoder tile", self.state, pixels(y, x),
+                                                 latent_tile(x0, y, x), film)[0],
                     size, tile, overlap, scale=scale)
         return (out + 1.0) / 2.0
 

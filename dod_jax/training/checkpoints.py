@@ -24,11 +24,12 @@ from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from dod_jax.dod.model import all_trained, trainable
+from dod_jax.errors import InputError
 
 ITEMS = ("state", "params", "data", "meta")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot continue or start this run; the message names it."""
 
 

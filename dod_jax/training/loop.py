@@ -4,10 +4,10 @@ checkpoints that resume exactly, progress, logs, TensorBoard scalars and sample 
     run(config, workdir)      (train.py is the command line around it)
 
 workdir/ receives checkpoints/ (dod_jax.training.checkpoints), log.jsonl (one line per logged
-step), tensorboard/, samples/step_XXXXXXX.png (LQ | restored | GT rows) and config.json. Running
-again with the same workdir continues from the latest checkpoint: same parameters, optimiser
-states, random keys and data position, so the continued run equals an uninterrupted one. A
-SIGTERM or Ctrl-C saves a checkpoint at the current step before exiting.
+step), losses.png (its curves), tensorboard/, samples/step_XXXXXXX.png (LQ | restored | GT rows)
+and config.json. Running again with the same workdir continues from the latest checkpoint:
+same parameters, optimiser states, random keys and data position, so the continued run equals
+an uninterrupted one. A SIGTERM or Ctrl-C saves a checkpoint at the current step before exiting.
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ from dod_jax import parallel
 from dod_jax.data import layouts
 from dod_jax.data.demo import write_demo_set
 from dod_jax.data.pipeline import STAGE1_RATIO, STAGE2_RATIO, TrainBatches, sources_from_pairs
+from dod_jax.errors import ConfigError
 from dod_jax.dod.build import BaseModels, base_identity, base_models, build_dod, same_base
 from dod_jax.image_ops import to_uint8
 from dod_jax.losses.lpips import load_lpips
 from dod_jax.models.layers import NumpyRngs
 from dod_jax.training import checkpoints as ckpt
+from dod_jax.training.plots import plot_losses, read_log
 from dod_jax.training.steps import Frozen, Stage, TrainState, add_fake_score
 
 def training_model(config, base: BaseModels):
@@ -45,10 +47,10 @@ def training_model(config, base: BaseModels):
                        targets=config.dod.unet_targets, rngs=NumpyRngs(config.train.seed + 2))
     elif stage == "stage2":
         if not config.train.init_from:
-            raise ValueError("stage 2 starts from a stage-1 run: set train.init_from to its checkpoints directory")
+            raise ConfigError("stage 2 starts from a stage-1 run: set train.init_from to its checkpoints directory")
         ckpt.load_trained_params(model, config.train.init_from, stages=("stage1",))
     else:
-        raise ValueError(f"train.stage must be 'stage1' or 'stage2', got {stage!r}")
+        raise ConfigError(f"train.stage must be 'stage1' or 'stage2', got {stage!r}")
     return model
 
 
@@ -60,7 +62,7 @@ def task_ratio(config) -> dict[str, int]:
     try:
         return {t.strip(): int(n) for t, n in (item.split(":") for item in text.split(","))}
     except ValueError as e:
-        raise ValueError(f"data.{stage}_ratio {text!r}: expected 'task:n,task:n'") from e
+        raise ConfigError(f"data.{stage}_ratio {text!r}: expected 'task:n,task:n'") from e
 
 
 def data_sources(config, workdir: Path, split: str = "train") -> dict[str, Any]:
@@ -71,7 +73,7 @@ def data_sources(config, workdir: Path, split: str = "train") -> dict[str, Any]:
     if root == "demo":
         root, layout = demo_root(workdir), "aio5"
     if not root:
-        raise ValueError("config.data needs root (a data folder, or 'demo') or tfds_dir")
+        raise ConfigError("config.data needs root (a data folder, or 'demo') or tfds_dir")
     return sources_from_pairs(layouts.checked_pairs(root, layout, split))
 
 
@@ -148,7 +150,7 @@ def run(config, workdir, *, stop_at: int | None = None) -> dict:
     batches = TrainBatches(data_sources(config, workdir), task_ratio(config), crop=tc.crop, units=tc.units,
                            seed=tc.seed, process_index=jax.process_index(), process_count=jax.process_count())
     if (batches.batch_size * jax.process_count()) % mesh.size:
-        raise ValueError(f"a global batch of {batches.batch_size * jax.process_count()} does not split over "
+        raise ConfigError(f"a global batch of {batches.batch_size * jax.process_count()} does not split over "
                          f"{mesh.size} devices: change train.units, the task ratio or parallel.devices")
     iterator = batches.iterator(tc.steps)
     checkpoints = ckpt.Checkpoints(workdir / "checkpoints", tc.keep)
@@ -172,12 +174,16 @@ def run(config, workdir, *, stop_at: int | None = None) -> dict:
     logger = RunLogger(workdir, lead, batches.tasks)
     stop = StopSignal()
     metrics, losses, step = {}, [], start
-    progress = tqdm(range(start, end), initial=start, total=end, desc=tc.stage, disable=not lead, dynamic_ncols=True)
+    progress = tqdm(range(start, end), initial=start, total=end, desc=f"{tc.stage} [compiling the step]",
+                    disable=not lead, dynamic_ncols=True)
     try:
         for step in progress:
             local = next(iterator)
             batch = parallel.global_batch({"lq": local["lq"], "gt": local["gt"]}, mesh)
             state, metrics, restored = compiled.step(state, frozen, batch)
+            if step == start:  # the first call compiled the step: say so once it has run
+                jax.block_until_ready(metrics)
+                progress.set_description(tc.stage)
             done = step + 1
             if done % tc.log_every == 0 or done == end:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -263,5 +269,9 @@ class RunLogger:
         self.writer.add_image("samples/lq_restored_gt", sheet, step, dataformats="HWC")
 
     def close(self):
+        """Flush TensorBoard and draw the run's loss curves (losses.png)."""
         if self.writer is not None:
             self.writer.close()
+        records = read_log(self.workdir / "log.jsonl") if self.lead else []
+        if records:
+            plot_losses({self.workdir.name: records}, self.workdir / "losses.png")

@@ -26,6 +26,7 @@ from flax import nnx, struct
 
 from dod_jax import adapters
 from dod_jax.dod.model import DOD, PromptEmbedding, trainable
+from dod_jax.errors import ConfigError
 from dod_jax.losses.dmd import dmd_loss, fake_score_loss
 from dod_jax.losses.ssim import ssim
 
@@ -41,7 +42,7 @@ def loss_weights(train_cfg) -> dict[str, float]:
     """The preset `train_cfg.loss_weights` ('code' or 'paper'), with any weight set explicitly
     in `train_cfg.weights` taking precedence."""
     if train_cfg.loss_weights not in LOSS_WEIGHTS:
-        raise ValueError(f"train.loss_weights must be one of {sorted(LOSS_WEIGHTS)}, got {train_cfg.loss_weights!r}")
+        raise ConfigError(f"train.loss_weights must be one of {sorted(LOSS_WEIGHTS)}, got {train_cfg.loss_weights!r}")
     weights = dict(LOSS_WEIGHTS[train_cfg.loss_weights])
     weights.update({k: float(v) for k, v in train_cfg.weights.items() if v is not None})
     return weights
@@ -108,7 +109,7 @@ class Stage:
             raise ValueError("stage 1 needs the fake score's LoRA set and the negative prompt on the model "
                              "(dod_jax.training.steps.add_fake_score)")
         if stage1 and weights["lpips"] and lpips is None:
-            raise ValueError("stage 1 with an LPIPS weight needs the LPIPS network (train.lpips_weights)")
+            raise ConfigError("stage 1 with an LPIPS weight needs the LPIPS network (train.lpips_weights)")
         lpips_graphdef, lpips_state = nnx.split(lpips) if lpips is not None else (None, None)
         gen_tx = optimizer(train_cfg.lr, train_cfg.weight_decay, train_cfg.clip, *train_cfg.betas)
         fake_tx = optimizer(train_cfg.fake_lr, train_cfg.weight_decay, train_cfg.fake_clip, *train_cfg.betas)
@@ -216,7 +217,7 @@ def accumulate(loss_fn: Callable, params, batch: dict, keys, micro_batches: int)
         return grads, metrics, out
     n = keys.shape[0]
     if n % micro_batches:
-        raise ValueError(f"a batch of {n} does not split into {micro_batches} micro-batches")
+        raise ConfigError(f"a batch of {n} does not split into {micro_batches} micro-batches")
     split = lambda x: x.reshape((micro_batches, n // micro_batches) + x.shape[1:])
     sliced = jax.tree.map(split, (batch, keys))
 

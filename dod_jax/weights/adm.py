@@ -22,11 +22,12 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from dod_jax.files import atomic_write
 from dod_jax.models.adm import ADMConfig, ADMEncoder
 from dod_jax.models.layers import FixedKeyRngs
 from dod_jax.weights.diffusers import (
-    TensorSource, WeightsError, WeightsMismatchError, atomic_write, fill_parameters,
-    from_torch_layout, param_table, safetensors_source)
+    TensorSource, WeightsError, WeightsMismatchError, fill_parameters,
+    from_torch_layout, param_table, safetensors_source, torch_tensors)
 
 ENCODER_PREFIXES = ("time_embed.", "input_blocks.", "middle_block.")
 OUTPUT_HALF_PREFIXES = ("output_blocks.", "out.")
@@ -77,9 +78,15 @@ def convert_checkpoint(pt_path: str | os.PathLike, out_path: str | os.PathLike,
         raise WeightsError(f"{pt_path}: expected a flat state dict of tensors")
     kept = check_state_dict({k: tuple(v.shape) for k, v in state.items()}, config, str(pt_path))
     tensors = {k: state[k].to(torch.float32).numpy() for k in kept}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out_path, lambda p: save_file(tensors, p, metadata={CONFIG_METADATA_KEY: config_to_json(config)}))
     return out_path
+
+
+def save_adm(encoder: ADMEncoder, path: str | os.PathLike) -> Path:
+    """Write an encoder's weights as the file `load_adm` reads (official names and layouts,
+    its config in the metadata)."""
+    tensors = torch_tensors(encoder)
+    return atomic_write(path, lambda p: save_file(tensors, p, metadata={CONFIG_METADATA_KEY: config_to_json(encoder.config)}))
 
 
 def read_config(path: str | os.PathLike) -> ADMConfig:

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +29,8 @@ from flax import nnx, serialization
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from dod_jax.errors import InputError
+from dod_jax.files import atomic_write
 from dod_jax.models.layers import ADAPTERS, FixedKeyRngs
 from dod_jax.models.unet import UNet2DCondition, UNetConfig
 from dod_jax.models.vae import AutoencoderKL, VAEConfig
@@ -46,7 +47,7 @@ MODEL_CLASSES = {
 }
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """A weights folder or file that cannot be loaded; the message names the file."""
 
 
@@ -314,33 +315,22 @@ def _resolve_name(name: str, available: dict) -> str:
 
 # ---------------------------------------------------------------------------------- writing
 
+def torch_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The model's base parameters under their official names, in PyTorch's layouts."""
+    variables = dict(nnx.to_flat_state(nnx.state(model, BASE_PARAMS)))
+    return {e.name: np.ascontiguousarray(to_torch_layout(e.layout, np.asarray(variables[e.path][...])))
+            for e in param_table(model)}
+
+
 def save_model(model: nnx.Module, folder: str | os.PathLike) -> Path:
     """Write config.json and diffusion_pytorch_model.safetensors in diffusers' layout.
     Each file is written to a temporary name and renamed, so a reader never sees half a file."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    variables = dict(nnx.to_flat_state(nnx.state(model, BASE_PARAMS)))
-    for entry in param_table(model):
-        tensors[entry.name] = np.ascontiguousarray(to_torch_layout(entry.layout, np.asarray(variables[entry.path][...])))
+    tensors = torch_tensors(model)
     atomic_write(folder / SAFETENSORS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     config = dict(model.config.to_diffusers(), _diffusers_version=DIFFUSERS_LAYOUT_VERSION)
     atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
     return folder
-
-
-def atomic_write(path: Path, write: Callable[[str], None]):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users of a shared run folder
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 
 # --------------------------------------------------------------------------------- pipelines
@@ -379,7 +369,6 @@ def save_pipeline(pipeline: SDPipeline, folder: str | os.PathLike, scheduler_con
     folder = Path(folder)
     save_model(pipeline.unet, folder / "unet")
     save_model(pipeline.vae, folder / "vae")
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "scheduler" / "scheduler_config.json",
                   lambda p: Path(p).write_text(json.dumps(scheduler_config, indent=2, sort_keys=True)))
     return folder
