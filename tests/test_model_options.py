@@ -68,19 +68,26 @@ def test_attention_implementation_is_selectable():
     np.testing.assert_allclose(xla, default, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("tokens", [QUERY_CHUNK + 1, 3 * QUERY_CHUNK])
-def test_chunked_attention_equals_whole_attention(tokens, dtype, tol):
+def test_chunked_attention_equals_whole_attention(tokens, dtype):
     # Self-attention over more queries than one chunk (a ragged last chunk and whole chunks),
-    # and cross-attention to a short context, against jax's unchunked attention.
+    # and cross-attention to a short context, against jax's unchunked attention of the same
+    # inputs in float32: as close as jax's own attention in the same dtype (in bfloat16 the two
+    # round differently, more so on XLA:CPU's YNNPACK path, so neither is the other's truth).
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(3 * rng.standard_normal((2, n, 3, 16)), dtype) for n in (tokens, tokens, tokens))
     short_k, short_v = (jnp.asarray(rng.standard_normal((2, 7, 3, 16)), dtype) for _ in range(2))
     for keys, values in ((k, v), (short_k, short_v)):
         chunked = jax.jit(lambda *a: dot_product_attention(*a, "chunked"))(q, keys, values)
         whole = jax.nn.dot_product_attention(q, keys, values)
+        truth = np.asarray(jax.nn.dot_product_attention(*(x.astype(jnp.float32) for x in (q, keys, values))))
         assert chunked.shape == whole.shape and chunked.dtype == dtype
-        np.testing.assert_allclose(np.asarray(chunked, np.float32), np.asarray(whole, np.float32), atol=tol)
+        error = np.abs(np.asarray(chunked, np.float32) - truth).max()
+        if dtype == jnp.float32:
+            assert error < 1e-5, error
+        else:
+            assert error <= 1.25 * np.abs(np.asarray(whole, np.float32) - truth).max() + 1e-3, error
 
 
 def test_unknown_attention_implementation_is_refused():
