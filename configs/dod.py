@@ -76,6 +76,12 @@ def get_config() -> ConfigDict:
         "lpips_weights": str(LPIPS_WEIGHTS),  # make writes it (README: LPIPS)
         "log_every": 50, "sample_every": 1000, "checkpoint_every": 2000, "keep": 3,
     })
+    # How restore and evaluate.py restore with a model of this config unless their command line
+    # says otherwise (dod_jax.restore.engine.RestoreSettings): sides padded to multiples of
+    # `bucket`; above `tile_above` padded pixels, tiles of `tile` overlapping by `tile_overlap`;
+    # short sides below `min_side` lifted first (256, as the authors' code); colour fix.
+    config.restore = ConfigDict({"bucket": 64, "tile": 512, "tile_overlap": 64, "tile_above": 1024 * 1024,
+                                 "min_side": 256, "color_fix": "none"})
     config.parallel = ConfigDict({
         "devices": 0,               # how many devices the mesh takes (0 = all)
         "data": -1, "fsdp": 1,      # mesh shape; -1 = all devices left

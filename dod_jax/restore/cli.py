@@ -134,26 +134,30 @@ def add_settings_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--adm", help="the converted ADM file, if not where the checkpoint says")
     parser.add_argument("--prompts", help="the prompt-embeddings file, if not where the checkpoint says")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--bucket", type=int, default=defaults.bucket, help="pad sides to multiples of this")
-    parser.add_argument("--tile", type=int, default=defaults.tile, help="tile side in pixels")
-    parser.add_argument("--tile-overlap", type=int, default=defaults.tile_overlap)
-    parser.add_argument("--tile-above", type=int, default=defaults.tile_above,
-                        help="restore in tiles above this many (padded) pixels; 0 = always")
-    parser.add_argument("--color-fix", default=defaults.color_fix, choices=sorted(COLOR_FIXES))
-    parser.add_argument("--min-side", type=int, default=defaults.min_side)
+    model_default = "default: the checkpoint config's restore.{0}, else {1}"
+    parser.add_argument("--bucket", type=int, help="pad sides to multiples of this; " + model_default.format(
+        "bucket", defaults.bucket))
+    parser.add_argument("--tile", type=int, help="tile side in pixels; " + model_default.format("tile", defaults.tile))
+    parser.add_argument("--tile-overlap", type=int, help=model_default.format("tile_overlap", defaults.tile_overlap))
+    parser.add_argument("--tile-above", type=int, help="restore in tiles above this many (padded) pixels; 0 = always; "
+                        + model_default.format("tile_above", defaults.tile_above))
+    parser.add_argument("--color-fix", choices=sorted(COLOR_FIXES), help=model_default.format("color_fix",
+                                                                                             defaults.color_fix))
+    parser.add_argument("--min-side", type=int, help=model_default.format("min_side", defaults.min_side))
 
 
-def settings_from(args) -> RestoreSettings:
-    return RestoreSettings(batch_size=args.batch_size, bucket=args.bucket, tile=args.tile,
-                           tile_overlap=args.tile_overlap, tile_above=args.tile_above, color_fix=args.color_fix,
-                           min_side=args.min_side)
+def settings_from(args, config) -> RestoreSettings:
+    """The model config's restore settings, with what the command line sets taking precedence."""
+    given = {k: getattr(args, k) for k in ("bucket", "tile", "tile_overlap", "tile_above", "color_fix", "min_side")}
+    return RestoreSettings.from_config(config, batch_size=args.batch_size,
+                                       **{k: v for k, v in given.items() if v is not None})
 
 
 def restorer_from(args) -> tuple[Restorer, dict, Loaded]:
     """The Restorer the arguments describe, a record of its settings for logs, and the loaded
     model with its config."""
     loaded = load_model(args.ckpt, dtype=args.dtype, base={"sd": args.sd, "adm": args.adm, "prompts": args.prompts})
-    restorer = Restorer(loaded.model, settings_from(args), use_hde=loaded.use_hde)
+    restorer = Restorer(loaded.model, settings_from(args, loaded.config), use_hde=loaded.use_hde)
     settings = {"ckpt": loaded.source, "stage": loaded.stage, "dtype": jnp.dtype(loaded.model.unet.dtype).name,
                 "device": str(jax.devices()[0]), **vars(restorer.settings)}
     return restorer, settings, loaded

@@ -6,8 +6,9 @@ below `tile_above` padded pixels are restored whole, in batches of `batch_size` 
 shape (a short batch is filled with repeats, so it reuses the compiled batch). Larger images
 are restored in tiles of `tile` pixels that overlap by `tile_overlap`:
 
-1. M_theta's modulation from the whole image (MFM resizes it to dod.mfm_size; with
-   mfm_size 0 the image is first resized to one tile);
+1. M_theta's modulation from the whole image: the MFM resizes it to dod.mfm_size, or with
+   mfm_size 0 (full resolution) its features c are averaged over the tiles, so that the ADM
+   sees pixels at the scale of training crops and no full-size activations are held;
 2. the VAE encoder on each pixel tile; the latents are blended with Gaussian weights;
 3. the UNet step on each latent tile, x0 blended the same way;
 4. the decoder on each latent tile, its DEMs fed by the encoder skips of the same pixel
@@ -32,9 +33,8 @@ from flax import nnx
 from dod_jax.dod.images import MULTIPLE, Prepared, finish, prepare
 from dod_jax.dod.model import DOD
 from dod_jax.errors import ConfigError
-from dod_jax.image_ops import resize_float
 from dod_jax.restore.color import COLOR_FIXES
-from dod_jax.restore.tiles import blend
+from dod_jax.restore.tiles import blend, starts
 
 @dataclasses.dataclass
 class RestoreSettings:
@@ -45,6 +45,17 @@ class RestoreSettings:
     tile_above: int = 1024 * 1024  # padded pixels above which an image is restored in tiles; 0 = always
     color_fix: str = "none"        # none | adain | wavelet
     min_side: int = 256            # shorter sides are lifted to this first (bicubic), as the authors' code
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> "RestoreSettings":
+        """The settings a model's config recommends (its `restore` section, when it has one;
+        configs/dod.py documents it), then `overrides`."""
+        recommended = dict(config.restore) if "restore" in config else {}
+        unknown = set(recommended) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"restore.{sorted(unknown)[0]}: not a restore setting "
+                              f"(those are {[f.name for f in dataclasses.fields(cls)]})")
+        return cls(**{**recommended, **overrides})
 
     def check(self):
         if self.color_fix not in COLOR_FIXES:
@@ -70,7 +81,7 @@ class Restorer:
         self.settings.check()
         self.status = status
         self._compiled: set[tuple] = set()
-        self.mfm_size, self.use_hde = model.mfm_size, use_hde
+        self.mfm_size, self.use_hde, self.conditional = model.mfm_size, use_hde, model.conditional
         self.latent_scale = 2 ** (len(model.vae.config.block_out_channels) - 1)  # pixels per latent
         graphdef, self.state = nnx.split(model)
         dod = lambda state: nnx.merge(graphdef, state)
@@ -88,6 +99,8 @@ class Restorer:
         self._whole = jax.jit(lambda state, lq: dod(state)(lq, use_hde=use_hde))
         self._merged = jax.jit(merged)
         self._film = jax.jit(lambda state, lq: dod(state).film(lq))
+        self._feature = jax.jit(lambda state, lq: dod(state).degradation_feature(lq))
+        self._modulate = jax.jit(lambda state, c: dod(state).modulator(c))
         self._encode = jax.jit(lambda state, lq, film: dod(state).encode(lq, film)[0])
         self._latent = jax.jit(lambda state, z, film: dod(state).generate_latent(z, film))
         self._decode = jax.jit(decode)
@@ -122,8 +135,7 @@ class Restorer:
         key = (name,) + shapes
         if key in self._compiled or self.status is None:
             return fn(*args)
-        batch, h, w = shapes[0][:3]
-        self.status(f"compiling the {name} for {batch} x {h}x{w}")
+        self.status(f"compiling the {name} ({'x'.join(map(str, shapes[0]))})")
         out = jax.block_until_ready(fn(*args))
         self._compiled.add(key)
         self.status("")
@@ -160,8 +172,6 @@ class Restorer:
         s = self.settings
         h, w = padded.shape[:2]
         lq = padded * 2.0 - 1.0
-        film_input = lq if self.mfm_size else resize_float(padded, (s.tile, s.tile)) * 2.0 - 1.0
-        film = self._compiling(self._film, "modulation", self.state, jnp.asarray(film_input[None]))
         scale = self.latent_scale
         size = (h // scale, w // scale)
         tile = (min(s.tile, h) // scale, min(s.tile, w) // scale)
@@ -169,6 +179,13 @@ class Restorer:
 
         def pixels(y, x):
             return jnp.asarray(lq[None, y * scale:(y + tile[0]) * scale, x * scale:(x + tile[1]) * scale])
+
+        if self.mfm_size or not self.conditional:  # the MFM resizes the whole image itself
+            film = self._compiling(self._film, "modulation", self.state, jnp.asarray(lq[None]))
+        else:  # full resolution, as the MFM saw training crops: c averaged over the tiles
+            features = [self._compiling(self._feature, "MFM tile", self.state, pixels(y, x))
+                        for y in starts(size[0], tile[0], overlap) for x in starts(size[1], tile[1], overlap)]
+            film = self._compiling(self._modulate, "modulation", self.state, jnp.mean(jnp.stack(features), axis=0))
 
         def latent_tile(array, y, x):
             return jnp.asarray(array[None, y:y + tile[0], x:x + tile[1]])
