@@ -103,6 +103,29 @@ def test_a_single_tile_is_the_whole_image_path(micro):
     np.testing.assert_allclose(tiled, whole, atol=2e-5)
 
 
+def test_a_full_resolution_mfm_averages_its_features_over_the_tiles(micro):
+    """With dod.mfm_size 0 the tiled path runs the ADM on each tile at full resolution and
+    modulates with the mean of the tiles' c: one tile is the whole path again, and over
+    several tiles the modulation is M_theta of the tiles' mean feature."""
+    _, model = micro
+    model.mfm_size = 0
+    try:
+        image = demo_photos()["chelsea"][:64, :96].astype(np.float32) / 255
+        whole = Restorer(model, RestoreSettings(min_side=64)).restore([image])[0]
+        one_tile = Restorer(model, RestoreSettings(tile=128, tile_overlap=64, tile_above=0, min_side=64))
+        np.testing.assert_allclose(one_tile.restore([image])[0], whole, atol=2e-5)
+        tiles = Restorer(model, RestoreSettings(tile=32, tile_overlap=0, tile_above=0, min_side=64, bucket=32))
+        used, modulate = [], tiles._modulate
+        tiles._modulate = lambda state, c: used.append(np.asarray(c)) or modulate(state, c)
+        tiles.restore([image])
+        lq = image * 2 - 1  # 32-pixel tiles without overlap: at 0 / 32 down and 0 / 32 / 64 across
+        features = [model.degradation_feature(lq[None, y:y + 32, x:x + 32]) for y in (0, 32) for x in (0, 32, 64)]
+        assert len(used) == 1 and tiles._feature._cache_size() == 1
+        np.testing.assert_allclose(used[0], np.mean(np.stack(features), axis=0), atol=1e-5)
+    finally:
+        model.mfm_size = 32
+
+
 def test_tiled_restore_is_close_to_the_whole_image(micro):
     """Overlapping tiles see less context than the whole image (GroupNorm statistics and
     attention span one tile), so they differ from it; a random-weight network depends on
