@@ -91,7 +91,7 @@ def test_converter_names_what_does_not_fit_and_writes_nothing(tmp_path, edit, me
 
 def test_loader_refuses_unreadable_and_foreign_files(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="broken.pt: not a readable PyTorch state dict"):
+    with pytest.raises(WeightsError, match="broken.pt: not a torch.save file in the zip format"):
         convert_checkpoint(tmp_path / "broken.pt", tmp_path / "x.safetensors", TINY)
     with pytest.raises(WeightsError, match="no such ADM weights file"):
         load_adm(tmp_path / "absent.safetensors")

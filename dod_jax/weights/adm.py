@@ -1,5 +1,6 @@
-"""ADM (guided-diffusion) weights: a one-off converter from the official .pt to safetensors,
-and a strict loader of that file into models.adm.ADMEncoder.
+"""ADM (guided-diffusion) weights: a one-off converter from the official .pt to safetensors
+(read without torch, by dod_jax.weights.torch_pickle), and a strict loader of that file into
+models.adm.ADMEncoder.
 
 The converter keeps only the tensors the encoder half needs (time_embed, input_blocks,
 middle_block) and drops the output half (output_blocks, out) by name; anything else in the
@@ -18,13 +19,16 @@ import os
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from dod_jax.errors import reported
 from dod_jax.files import atomic_write
 from dod_jax.models.adm import ADMConfig, ADMEncoder
 from dod_jax.models.layers import FixedKeyRngs
+from dod_jax.weights import torch_pickle
 from dod_jax.weights.diffusers import (
     TensorSource, WeightsError, WeightsMismatchError, fill_parameters,
     from_torch_layout, param_table, safetensors_source, torch_tensors)
@@ -66,18 +70,14 @@ def check_state_dict(shapes: dict[str, tuple], config: ADMConfig, source: str) -
 
 def convert_checkpoint(pt_path: str | os.PathLike, out_path: str | os.PathLike,
                        config: ADMConfig = ADMConfig()) -> Path:
-    """Official guided-diffusion .pt -> safetensors holding the encoder half (needs torch)."""
-    import torch
-
+    """Official guided-diffusion .pt -> safetensors holding the encoder half (read by the
+    restricted unpickler: no torch needed)."""
     pt_path, out_path = Path(pt_path), Path(out_path)
-    try:
-        state = torch.load(pt_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several unrelated types for a damaged or foreign file
-        raise WeightsError(f"{pt_path}: not a readable PyTorch state dict ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    state = torch_pickle.load(pt_path)
+    if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
         raise WeightsError(f"{pt_path}: expected a flat state dict of tensors")
-    kept = check_state_dict({k: tuple(v.shape) for k, v in state.items()}, config, str(pt_path))
-    tensors = {k: state[k].to(torch.float32).numpy() for k in kept}
+    kept = check_state_dict({k: v.shape for k, v in state.items()}, config, str(pt_path))
+    tensors = {k: np.ascontiguousarray(state[k], np.float32) for k in kept}
     atomic_write(out_path, lambda p: save_file(tensors, p, metadata={CONFIG_METADATA_KEY: config_to_json(config)}))
     return out_path
 
@@ -119,8 +119,9 @@ def main(argv=None):
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("output", type=Path)
     args = parser.parse_args(argv)
-    out = convert_checkpoint(args.checkpoint, args.output)
-    print(f"wrote {out} ({len(safe_open(str(out), framework='np').keys())} tensors)")
+    with reported("dod_jax.weights.adm"):
+        out = convert_checkpoint(args.checkpoint, args.output)
+        print(f"wrote {out} ({len(safe_open(str(out), framework='np').keys())} tensors)")
 
 
 if __name__ == "__main__":
