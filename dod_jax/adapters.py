@@ -105,36 +105,34 @@ class LoRA(nnx.Module):
         return jnp.einsum("...r,r,ro->...o", a, gamma, b) * self.scale, (beta @ b) * self.scale
 
 
-class FullDelta(nnx.Module):
-    """A full-rank trained copy of one layer as a delta on its frozen weights (zero at
-    initialisation): the layer is W0 + dW, b0 + db while its set is selected and the untouched
-    W0, b0 otherwise. DOD trains the UNet's conv_in this way, so the DMD real and fake scores,
-    which share the UNet, keep the original conv_in."""
+class TrainedCopy(nnx.Module):
+    """A trained full copy of one layer, initialised to its frozen weights: while its set is
+    selected the layer computes with the copy's weights instead of W0, b0, otherwise with the
+    untouched W0, b0. DOD trains the UNet's conv_in this way (the authors' checkpoints hold the
+    trained conv_in itself), so the DMD real and fake scores, which share the UNet, keep the
+    original conv_in, and weight decay acts on the trained weights as in the authors' AdamW."""
 
     film_key = None
+    replaces = True  # the layer's own output is replaced, not added to (models.layers)
 
     def __init__(self, layer: Linear | Conv2d, set_name: str, *, rngs):
         kw = dict(use_bias=layer.bias is not None, dtype=layer.dtype, param_dtype=layer.kernel.dtype, rngs=rngs)
         if isinstance(layer, Linear):
-            self.delta = Linear(layer.in_features, layer.out_features, **kw)
+            self.copy = Linear(layer.in_features, layer.out_features, **kw)
         else:
-            self.delta = Conv2d(layer.in_channels, layer.out_channels, layer.kernel.shape[0], stride=layer.stride,
-                                padding=layer.padding, **kw)
-        for var in (self.delta.kernel, self.delta.bias):
-            if var is not None:
-                var.set_value(jnp.zeros_like(var[...]))
+            self.copy = Conv2d(layer.in_channels, layer.out_channels, layer.kernel.shape[0], stride=layer.stride,
+                               padding=layer.padding, **kw)
+        self.copy.kernel.set_value(layer.kernel[...])
+        if layer.bias is not None:
+            self.copy.bias.set_value(layer.bias[...])
         self.set_name = set_name
 
     def __call__(self, x):
-        return self.delta(x) if _SELECTED.get().name == self.set_name else None
-
-    def folded(self, film=None):
-        bias = self.delta.bias[...] if self.delta.bias is not None else None
-        return self.delta.kernel[...], bias
+        return self.copy(x) if _SELECTED.get().name == self.set_name else None
 
 
-def add_full_delta(model: nnx.Module, path: str, set_name: str, rngs) -> str:
-    """Hang a FullDelta of set `set_name` on the layer at dotted `path` of `model`."""
+def add_trained_copy(model: nnx.Module, path: str, set_name: str, rngs) -> str:
+    """Hang a TrainedCopy of set `set_name` on the layer at dotted `path` of `model`."""
     found = [layer for p, layer in layers(model) if p == path]
     if not found:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv2d at {path!r}")
@@ -143,7 +141,7 @@ def add_full_delta(model: nnx.Module, path: str, set_name: str, rngs) -> str:
         layer.adapters = nnx.Dict()
     if set_name in layer.adapters:
         raise ValueError(f"{path} already carries an adapter set named {set_name!r}")
-    layer.adapters[set_name] = FullDelta(layer, set_name, rngs=rngs)
+    layer.adapters[set_name] = TrainedCopy(layer, set_name, rngs=rngs)
     return path
 
 
@@ -193,7 +191,7 @@ def inject(model: nnx.Module, spec: AdapterSpec, rngs) -> list[str]:
     return [p for p, _ in found]
 
 
-def adapted(model: nnx.Module, name: str) -> Iterator[tuple[str, Linear | Conv2d, LoRA | FullDelta]]:
+def adapted(model: nnx.Module, name: str) -> Iterator[tuple[str, Linear | Conv2d, LoRA | TrainedCopy]]:
     for path, layer in layers(model):
         if name in getattr(layer, ADAPTERS, {}):
             yield path, layer, layer.adapters[name]
@@ -202,15 +200,21 @@ def adapted(model: nnx.Module, name: str) -> Iterator[tuple[str, Linear | Conv2d
 def merge(model: nnx.Module, name: str, film: jax.Array | None = None) -> int:
     """Fold adapter set `name` into the base weights and remove it; returns the number of
     layers folded. Conditional sets fold for one image (`film` of shape (keys, 1, 2r)):
-    W0 + A diag(gamma) B and bias + beta B. Works on a model merged inside a jitted function."""
+    W0 + A diag(gamma) B and bias + beta B; a trained copy replaces W0 and b0. Works on a model
+    merged inside a jitted function."""
     count = 0
-    for _, layer, lora in list(adapted(model, name)):
-        kernel_delta, bias_delta = lora.folded(film)
-        layer.kernel.set_value(layer.kernel[...] + kernel_delta.astype(layer.kernel.dtype))
-        if bias_delta is not None:
-            if layer.bias is None:
-                layer.bias = nnx.data(nnx.Param(jnp.zeros(bias_delta.shape, layer.kernel.dtype)))
-            layer.bias.set_value(layer.bias[...] + bias_delta.astype(layer.bias.dtype))
+    for _, layer, adapter in list(adapted(model, name)):
+        if isinstance(adapter, TrainedCopy):
+            layer.kernel.set_value(adapter.copy.kernel[...])
+            if layer.bias is not None:
+                layer.bias.set_value(adapter.copy.bias[...])
+        else:
+            kernel_delta, bias_delta = adapter.folded(film)
+            layer.kernel.set_value(layer.kernel[...] + kernel_delta.astype(layer.kernel.dtype))
+            if bias_delta is not None:
+                if layer.bias is None:
+                    layer.bias = nnx.data(nnx.Param(jnp.zeros(bias_delta.shape, layer.kernel.dtype)))
+                layer.bias.set_value(layer.bias[...] + bias_delta.astype(layer.bias.dtype))
         del layer.adapters[name]
         count += 1
     return count

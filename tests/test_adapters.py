@@ -161,3 +161,29 @@ def test_selection_inside_jit_and_gradients_reach_only_the_selected_set():
     for path, g in grads.items():
         nonzero = bool(jnp.any(g[...] != 0))
         assert nonzero == ("gen" in path or path == ("proj", "kernel")), path
+
+
+def test_a_trained_copy_replaces_its_layer_only_while_selected_and_merges_exactly():
+    model = TwoLayers(NumpyRngs(0))
+    conv = model.block[0]
+    adapters.add_trained_copy(model, "block.0", "gen", NumpyRngs(1))
+    adapters.inject(model, adapters.AdapterSpec("fake", ("block.0",), rank=2), NumpyRngs(2))
+    randomise_b(model, "fake", 3)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 9, 9, 5)), jnp.float32)
+    base = np.asarray(conv(x))
+    with adapters.select("gen"):
+        np.testing.assert_array_equal(np.asarray(conv(x)), base)  # starts as the frozen layer
+    copy = conv.adapters["gen"].copy
+    rng = np.random.default_rng(5)
+    copy.kernel.set_value(jnp.asarray(rng.standard_normal(copy.kernel.shape), jnp.float32))
+    copy.bias.set_value(jnp.asarray(rng.standard_normal(copy.bias.shape), jnp.float32))
+    expected = numpy_conv(np.asarray(x, np.float64), np.asarray(copy.kernel[...], np.float64), 2, 1) + np.asarray(copy.bias[...])
+    with adapters.select("gen"):
+        replaced = np.asarray(conv(x))
+    np.testing.assert_allclose(replaced, expected, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(conv(x)), base)  # unselected: W0, b0 untouched
+    with adapters.select("fake"):
+        assert np.abs(np.asarray(conv(x)) - base).max() > 1e-3  # another set adds to W0, not to the copy
+    assert adapters.merge(model, "gen") == 1
+    np.testing.assert_array_equal(np.asarray(conv.kernel[...]), np.asarray(copy.kernel[...]))
+    np.testing.assert_array_equal(np.asarray(conv(x)), replaced)

@@ -36,10 +36,10 @@ def randomise_generator_b(model, seed=1, scale=0.05):
         for lora in loras(sub, GENERATOR):
             b = lora.lora_B.kernel
             b.set_value(jnp.asarray(rng.standard_normal(b.shape) * scale, jnp.float32))
-    for _, _, delta in adapters.adapted(model.unet, GENERATOR):
-        if isinstance(delta, adapters.FullDelta):  # the trained conv_in
-            k = delta.delta.kernel
-            k.set_value(jnp.asarray(rng.standard_normal(k.shape) * scale, jnp.float32))
+    for _, _, adapter in adapters.adapted(model.unet, GENERATOR):
+        if isinstance(adapter, adapters.TrainedCopy):  # the trained conv_in, moved off the base
+            k = adapter.copy.kernel
+            k.set_value(k[...] + jnp.asarray(rng.standard_normal(k.shape) * scale, jnp.float32))
 
 
 def restore_fn(model):
@@ -183,5 +183,5 @@ def test_stage1_lora_counts_on_sd21_match_peft_rule_on_diffusers_unet():
 
 
 def loras(model, name):
-    """The (C)LoRA branches of adapter set `name` (the set also holds conv_in's full delta)."""
+    """The (C)LoRA branches of adapter set `name` (the set also holds the trained copy of conv_in)."""
     return [a for _, _, a in adapters.adapted(model, name) if isinstance(a, adapters.LoRA)]

@@ -65,7 +65,7 @@ class DOD(nnx.Module):
         spec = dict(rank=cfg.rank, alpha=cfg.alpha, literal_gamma=cfg.literal_gamma)
         self.unet_adapted = tuple(adapters.inject(unet, adapters.AdapterSpec(
             GENERATOR, tuple(cfg.unet_targets), film_key=unet_key if cfg.clora else None, **spec), rngs))
-        adapters.add_full_delta(unet, "conv_in", GENERATOR, rngs)  # the generator's trained conv_in
+        adapters.add_trained_copy(unet, "conv_in", GENERATOR, rngs)  # the generator's trained conv_in
         self.vae_adapted = tuple(adapters.inject(vae, adapters.AdapterSpec(
             GENERATOR, tuple(cfg.vae_targets), scope="encoder.", film_key=vae_key, **spec), rngs))
         self.conditional = cfg.clora

@@ -81,10 +81,23 @@ def normal_per_sample(key, shape, dtype=jnp.float32):
     return jax.random.normal(key, shape, dtype)
 
 
-def add_adapter_outputs(layer: nnx.Module, x, y):
-    """y plus the outputs of the adapters hung on `layer` under ADAPTERS (see dod_jax.adapters);
-    an adapter returns None when its set is not selected for this call."""
+def replacement_output(layer: nnx.Module, x):
+    """The output of a selected adapter that replaces `layer` (dod_jax.adapters.TrainedCopy),
+    or None: then the layer computes with its own weights."""
     for adapter in getattr(layer, ADAPTERS, {}).values():
+        if getattr(adapter, "replaces", False):
+            out = adapter(x)
+            if out is not None:
+                return out
+    return None
+
+
+def add_adapter_outputs(layer: nnx.Module, x, y):
+    """y plus the outputs of the additive adapters hung on `layer` under ADAPTERS (see
+    dod_jax.adapters); an adapter returns None when its set is not selected for this call."""
+    for adapter in getattr(layer, ADAPTERS, {}).values():
+        if getattr(adapter, "replaces", False):
+            continue
         delta = adapter(x)
         if delta is not None:
             y = y + delta.astype(y.dtype)
@@ -101,6 +114,9 @@ class Linear(nnx.Module):
                      if use_bias else None)
 
     def __call__(self, x):
+        replaced = replacement_output(self, x)
+        if replaced is not None:
+            return replaced
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
@@ -123,6 +139,9 @@ class Conv2d(nnx.Module):
         self.bias = nnx.Param(uniform_fan_in(rngs, (out_channels,), fan_in, param_dtype)) if use_bias else None
 
     def __call__(self, x):
+        replaced = replacement_output(self, x)
+        if replaced is not None:
+            return replaced
         kernel = self.kernel[...].astype(self.dtype)
         if kernel.shape[0] == kernel.shape[1] == 1 and self.stride == 1 and self.padding == 0:
             y = jnp.dot(x.astype(self.dtype), kernel[0, 0])

@@ -32,7 +32,7 @@ from dod_jax.errors import InputError
 from dod_jax.files import atomic_folder
 
 FORMAT = "dod-jax restore bundle"
-VERSION = 1
+VERSION = 2  # 2: the trained conv_in is held whole (unet/conv_in/adapters/gen/copy), not as a delta
 BUNDLE_FILE, PARAMS_FILE = "bundle.json", "params.safetensors"
 
 
