@@ -13,8 +13,9 @@ LPIPS_WEIGHTS = Path(__file__).resolve().parent.parent / ".venv" / "weights" / "
 # UNet layers carrying the generator's conditional LoRA (matched by path suffix).
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2", "conv_shortcut", "conv", "conv_out"]
-# VAE-encoder layers carrying LoRA (under encoder.; quant_conv is not a target).
-VAE_TARGETS = ["conv_in", "conv1", "conv2", "conv_shortcut", "conv", "conv_out", "to_q", "to_k", "to_v", "to_out.0"]
+# VAE-encoder layers carrying LoRA (under encoder.; quant_conv is not a target), in the order of the
+# authors' regex ^encoder\..*(conv1|conv2|...)$, which an export writes back.
+VAE_TARGETS = ["conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v", "to_out.0"]
 
 
 def get_config() -> ConfigDict:

@@ -78,14 +78,17 @@ def test_prompt_embeddings_round_trip_and_errors(tmp_path):
         load_prompt_embeddings(path, expected_dim=1024)
     with pytest.raises(WeightsError, match="no such prompt-embeddings file"):
         load_prompt_embeddings(tmp_path / "absent.safetensors")
+    # The negative prompt is optional (restoring needs the prompt alone); the prompt is not.
+    save_prompt_embeddings(tmp_path / "prompt_only.safetensors", prompt, None)
+    assert set(load_prompt_embeddings(tmp_path / "prompt_only.safetensors")) == {"prompt"}
     from safetensors.numpy import save_file
-    save_file({"prompt": prompt}, str(tmp_path / "half.safetensors"))
-    with pytest.raises(WeightsError, match="half.safetensors: lacks negative_prompt"):
+    save_file({"negative_prompt": negative}, str(tmp_path / "half.safetensors"))
+    with pytest.raises(WeightsError, match="half.safetensors: lacks prompt"):
         load_prompt_embeddings(tmp_path / "half.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(WeightsError, match="junk.safetensors: not a readable"):
         load_prompt_embeddings(tmp_path / "junk.safetensors")
-    with pytest.raises(ValueError, match="two \\(tokens, dim\\) arrays"):
+    with pytest.raises(ValueError, match="\\(tokens, dim\\) arrays of one shape"):
         save_prompt_embeddings(tmp_path / "bad.safetensors", prompt, negative[:10])
 
 

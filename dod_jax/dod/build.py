@@ -88,27 +88,34 @@ def base_models(config, *, dtype: str | None = None) -> BaseModels:
     return load_base(config.base.sd, config.base.adm, config.base.prompts, dtype=dtype, remat=remat)
 
 
-def base_identity(config) -> dict:
+def base_identity(config, root: Path | None = None) -> dict:
     """What checkpoints and restore bundles record of the base: the random seed, or the path,
-    size and sha256 of every base weights file."""
+    size and sha256 of every base weights file. Relative paths are taken from `root` (a
+    bundle holding its own base files) and recorded relative to it."""
     if config.base.random_seed >= 0:
         return {"random_seed": config.base.random_seed}
-    return {k: file_identity(config.base[k]) for k in BASE_FILES}
+    return {k: file_identity(config.base[k], root) for k in BASE_FILES}
 
 
-def file_identity(path: str | os.PathLike) -> dict:
-    """{path, bytes, sha256} of a weights file, or of each weights file in a folder."""
+def file_identity(path: str | os.PathLike, root: Path | None = None) -> dict:
+    """{path, bytes, sha256} of a weights file, or of each weights file in a folder (named by
+    its place in the folder, so a symlinked cache entry keeps its folder's path); a relative
+    `path` is read under `root` and recorded as it is."""
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".msgpack", ".json")) \
-        if path.is_dir() else [path]
+    inside = root is not None and not path.is_absolute()
+    local = root / path if inside else path
+    recorded = path if inside else path.resolve()
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".msgpack", ".json")) \
+        if local.is_dir() else [local]
     out = []
     for f in files:
         digest = hashlib.sha256()
         with open(f, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 24), b""):
                 digest.update(block)
-        out.append({"path": str(f.resolve()), "bytes": f.stat().st_size, "sha256": digest.hexdigest()})
-    return {"path": str(path.resolve()), "files": out}
+        name = recorded / f.relative_to(local) if local.is_dir() else recorded
+        out.append({"path": str(name), "bytes": f.stat().st_size, "sha256": digest.hexdigest()})
+    return {"path": str(recorded), "files": out}
 
 
 def same_base(a: dict, b: dict) -> bool:

@@ -22,33 +22,35 @@ from safetensors.numpy import save_file
 from dod_jax.files import atomic_write
 from dod_jax.weights.diffusers import WeightsError
 
-KEYS = ("prompt", "negative_prompt")
+KEYS = ("prompt", "negative_prompt")  # the negative prompt is optional: only stage-1 training reads it
 
 
-def save_prompt_embeddings(path: str | os.PathLike, prompt: np.ndarray, negative_prompt: np.ndarray,
+def save_prompt_embeddings(path: str | os.PathLike, prompt: np.ndarray, negative_prompt: np.ndarray | None,
                            texts: tuple[str, str] = ("", "")) -> Path:
     path = Path(path)
-    if prompt.ndim != 2 or prompt.shape != negative_prompt.shape:
-        raise ValueError(f"prompt embeddings must be two (tokens, dim) arrays of one shape, got "
-                         f"{prompt.shape} and {negative_prompt.shape}")
-    tensors = {"prompt": np.asarray(prompt, np.float32), "negative_prompt": np.asarray(negative_prompt, np.float32)}
-    atomic_write(path, lambda p: save_file(tensors, p, metadata={"prompt_text": texts[0],
-                                                                 "negative_prompt_text": texts[1]}))
+    if prompt.ndim != 2 or (negative_prompt is not None and prompt.shape != negative_prompt.shape):
+        raise ValueError(f"prompt embeddings must be (tokens, dim) arrays of one shape, got "
+                         f"{prompt.shape} and {None if negative_prompt is None else negative_prompt.shape}")
+    tensors = {"prompt": np.asarray(prompt, np.float32)}
+    metadata = {"prompt_text": texts[0]}
+    if negative_prompt is not None:
+        tensors["negative_prompt"] = np.asarray(negative_prompt, np.float32)
+        metadata["negative_prompt_text"] = texts[1]
+    atomic_write(path, lambda p: save_file(tensors, p, metadata=metadata))
     return path
 
 
 def load_prompt_embeddings(path: str | os.PathLike, expected_dim: int | None = None) -> dict[str, np.ndarray]:
-    """{"prompt": (T, D), "negative_prompt": (T, D)} float32; `expected_dim` is the UNet's
-    cross-attention width."""
+    """{"prompt": (T, D), and "negative_prompt": (T, D) where the file has one} float32;
+    `expected_dim` is the UNet's cross-attention width."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such prompt-embeddings file")
     try:
         with safe_open(str(path), framework="np") as f:
-            absent = [k for k in KEYS if k not in f.keys()]
-            if absent:
-                raise WeightsError(f"{path}: lacks {', '.join(absent)} (a prompt-embeddings file holds {list(KEYS)})")
-            arrays = {k: f.get_tensor(k).astype(np.float32) for k in KEYS}
+            if "prompt" not in f.keys():
+                raise WeightsError(f"{path}: lacks prompt (a prompt-embeddings file holds {list(KEYS)})")
+            arrays = {k: f.get_tensor(k).astype(np.float32) for k in KEYS if k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
     for k, a in arrays.items():

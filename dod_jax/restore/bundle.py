@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -52,18 +53,25 @@ class Loaded:
         return self.stage == "stage2"
 
 
-def save_bundle(model: DOD, config, stage: str, out: str | os.PathLike) -> Path:
+def save_bundle(model: DOD, config, stage: str, out: str | os.PathLike, *,
+                files: dict[str, Callable[[Path], object]] | None = None, provenance: dict | None = None) -> Path:
     """Write `model`'s trained parameters and the base identity as a bundle folder, atomically
-    (written beside `out` and renamed into place)."""
+    (written beside `out` and renamed into place). `files` {name: write(path)} puts base files
+    inside the bundle (config.base entries that name them relatively are read from the
+    bundle folder); `provenance` is recorded as it is (where imported weights came from)."""
     out = Path(out).resolve()
     if out.exists():
         raise BundleError(f"{out} exists; choose a new folder for the bundle")
     flat = _flat_names(nnx.to_pure_dict(all_trained(model)))
-    meta = {"format": FORMAT, "version": VERSION, "stage": stage, "config": json.loads(config.to_json()),
-            "base": base_identity(config)}
+    meta = {"format": FORMAT, "version": VERSION, "stage": stage, "config": json.loads(config.to_json())}
+    if provenance:
+        meta["provenance"] = provenance
     tensors = {k: np.array(v, order="C") for k, v in flat.items()}  # 0-d stays 0-d
 
     def fill(staging: Path):
+        for name, write in (files or {}).items():
+            write(staging / name)
+        meta["base"] = base_identity(config, root=staging)
         save_file(tensors, str(staging / PARAMS_FILE))
         (staging / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
 
@@ -84,6 +92,10 @@ def load_model(path: str | os.PathLike, *, dtype: str = "auto", base: dict[str, 
     else:
         meta = _checkpoint_meta(path)
     config = ConfigDict(meta["config"])
+    if (path / BUNDLE_FILE).is_file():  # base files the bundle holds are named relative to it
+        for key in BASE_FILES:
+            if config.base[key] and not Path(config.base[key]).is_absolute():
+                config.base[key] = str(path / config.base[key])
     for key, value in (base or {}).items():
         if value:
             config.base[key] = str(value)
@@ -131,6 +143,9 @@ def _check_base(config, recorded: dict, source: Path):
             continue
         files = recorded.get(key, {}).get("files", [])
         root = Path(recorded.get(key, {}).get("path", where))
+        if not root.is_absolute():  # held inside the bundle
+            root = source / root
+            files = [dict(f, path=str(source / f["path"])) for f in files]
         for f in files:
             local = where / Path(f["path"]).relative_to(root) if where.is_dir() else where
             if not local.is_file():

@@ -43,6 +43,9 @@ def training_model(config, base: BaseModels):
     model = build_dod(config, base, config.train.seed)
     stage = config.train.stage
     if stage == "stage1":
+        if "negative_prompt" not in base.prompt_embeddings:
+            raise ConfigError(f"{config.base.prompts}: holds no negative_prompt embedding, which stage 1's DMD "
+                              "real score needs (python -m dod_jax.dod.prompts writes both)")
         add_fake_score(model, base.prompt_embeddings["negative_prompt"], rank=config.train.fake_rank,
                        targets=config.dod.unet_targets, rngs=NumpyRngs(config.train.seed + 2))
     elif stage == "stage2":
