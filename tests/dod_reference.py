@@ -1,0 +1,190 @@
+"""A PyTorch re-statement of the authors' DOD at inference, written from REFERENCE.md ("The
+authors' code in detail") with diffusers and peft, for the parity tests of the official import.
+
+    the base        diffusers UNet2DConditionModel and AutoencoderKL
+    UNet LoRA       peft LoraConfig(r, "gaussian" init, the 13 target names), adapter "default",
+                    every LoRA layer's forward made conditional: W0 x + s B(gamma (A x) + beta),
+                    gamma and beta (used as they are) from its block group's row of M_theta
+    conv_in         the trained conv_in replaces the UNet's own
+    VAE encoder     peft LoraConfig(r, the regex over encoder names), adapter "vae_skip", plain LoRA
+    M_theta         de_mlp = Sequential(Linear(1024, 256), ReLU), block_mlp = Sequential(Linear(64, 64),
+                    ReLU), fuse_mlp = Linear(320, 2r), block = Embedding(10, 64)
+    MFM             the ADM encoder half (adm_reference) at t = 0 on the LQ, mean-pooled
+    HDE             decoder.skip_conv_k (1x1, no bias) and decoder.sft_blocks_k (ResBlock 2C->C, one
+                    ESRGAN RRDB, ResBlock C->C, scalar w) before each decoder up-block, fed by the
+                    encoder's down-block inputs, deepest first
+    one step        eps = UNet(z, 999, prompt); x0 = (z - sqrt(1 - abar) eps) / sqrt(abar);
+                    image = clamp(decoder(post_quant_conv(x0 / scaling)), -1, 1)
+
+The state dicts of these modules carry the official names, so `stage1_dict` / `stage2_dict`
+are the authors' checkpoint layout.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+from torch import nn
+
+UNET_GROUPS = 10
+
+
+def block_group(name: str) -> int:
+    m = re.match(r"(down|up)_blocks\.(\d+)\.", name)
+    if m:
+        return int(m.group(2)) + (0 if m.group(1) == "down" else 5)
+    return 4 if name.startswith("mid_block.") else UNET_GROUPS - 1
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout, groups=32):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(groups, cin, eps=1e-6), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, cout, eps=1e-6), nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:
+            self.conv_out = nn.Conv2d(cin, cout, 1)
+        self.cin, self.cout = cin, cout
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + (self.conv_out(x) if self.cin != self.cout else x)
+
+
+class DenseBlock(nn.Module):
+    def __init__(self, nf, gc):
+        super().__init__()
+        for i in range(5):
+            setattr(self, f"conv{i + 1}", nn.Conv2d(nf + i * gc, gc if i < 4 else nf, 3, padding=1))
+
+    def forward(self, x):
+        feats = [x]
+        for i in range(4):
+            feats.append(F.leaky_relu(getattr(self, f"conv{i + 1}")(torch.cat(feats, 1)), 0.2))
+        return x + 0.2 * self.conv5(torch.cat(feats, 1))
+
+
+class RRDB(nn.Module):
+    def __init__(self, nf, gc):
+        super().__init__()
+        self.rdb1, self.rdb2, self.rdb3 = DenseBlock(nf, gc), DenseBlock(nf, gc), DenseBlock(nf, gc)
+
+    def forward(self, x):
+        return x + 0.2 * self.rdb3(self.rdb2(self.rdb1(x)))
+
+
+class FuseBlock(nn.Module):
+    def __init__(self, channels, growth, groups):
+        super().__init__()
+        self.encode_enc_1 = ResBlock(2 * channels, channels, groups)
+        self.encode_enc_2 = nn.Sequential(RRDB(channels, growth))
+        self.encode_enc_3 = ResBlock(channels, channels, groups)
+        self.w = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, enc, dec):
+        h = self.encode_enc_3(self.encode_enc_2(self.encode_enc_1(torch.cat([enc, dec], 1))))
+        return dec + self.w * h
+
+
+class MTheta(nn.Module):
+    def __init__(self, feature_dim, rank, hidden=256, prompt_dim=64):
+        super().__init__()
+        self.de_mlp = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU())
+        self.block_mlp = nn.Sequential(nn.Linear(prompt_dim, prompt_dim), nn.ReLU())
+        self.fuse_mlp = nn.Linear(hidden + prompt_dim, 2 * rank)
+        self.block = nn.Embedding(UNET_GROUPS, prompt_dim)
+
+    def forward(self, c):
+        de = self.de_mlp(c)                       # (B, hidden)
+        e = self.block_mlp(self.block.weight)     # (10, prompt_dim)
+        joint = torch.cat([de[None].expand(e.shape[0], -1, -1), e[:, None].expand(-1, c.shape[0], -1)], -1)
+        return self.fuse_mlp(joint)               # (10, B, 2r)
+
+
+class AuthorsDOD(nn.Module):
+    def __init__(self, unet, vae, adm, feature_dim, alphas_cumprod, prompt, rank, unet_targets, vae_regex, growth=32):
+        super().__init__()
+        self.unet, self.vae, self.adm, self.rank = unet, vae, adm, rank
+        self.register_buffer("prompt", prompt)
+        self.abar = float(alphas_cumprod[999])
+        unet.add_adapter(LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=list(unet_targets)))
+        vae.add_adapter(LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=vae_regex), adapter_name="vae_skip")
+        self.film = None
+        for name, module in unet.named_modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                module.forward = self._conditional(module, block_group(name))
+        self.mtheta = MTheta(feature_dim, rank)
+        boc = list(vae.config.block_out_channels)
+        skips, channels = ([boc[0]] + boc[:-1])[::-1], [boc[-1]] + boc[::-1][:-1]
+        groups = vae.config.norm_num_groups
+        for k, (s, c) in enumerate(zip(skips, channels), start=1):
+            setattr(vae.decoder, f"skip_conv_{k}", nn.Conv2d(s, c, 1, bias=False))
+            setattr(vae.decoder, f"sft_blocks_{k}", FuseBlock(c, growth, groups))
+
+    def _conditional(self, layer, group):
+        def forward(x, *args, **kwargs):
+            out = layer.base_layer(x, *args, **kwargs)
+            a = layer.lora_A["default"](x)
+            gamma, beta = self.film[group].split(self.rank, dim=-1)   # (B, r) each, used literally
+            shape = (x.shape[0], self.rank, 1, 1) if a.ndim == 4 else (x.shape[0], 1, self.rank)
+            return out + layer.lora_B["default"](a * gamma.reshape(shape) + beta.reshape(shape)) * layer.scaling["default"]
+        return forward
+
+    def encode(self, lq, noise=None):
+        enc = self.vae.encoder
+        h, skips = enc.conv_in(lq), []
+        for down in enc.down_blocks:
+            skips.append(h)
+            h = down(h)
+        h = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(h))))
+        mean, logvar = self.vae.quant_conv(h).chunk(2, dim=1)
+        z = mean if noise is None else mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+        return z * self.vae.config.scaling_factor, skips
+
+    def decode(self, x0, skips, use_dems):
+        dec = self.vae.decoder
+        h = dec.mid_block(dec.conv_in(self.vae.post_quant_conv(x0 / self.vae.config.scaling_factor)), None)
+        deepest_first = skips[::-1]
+        for k, up in enumerate(dec.up_blocks, start=1):
+            if use_dems:
+                h = getattr(dec, f"sft_blocks_{k}")(getattr(dec, f"skip_conv_{k}")(deepest_first[k - 1]), h)
+            h = up(h, None)
+        return dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))
+
+    @torch.no_grad()
+    def forward(self, lq, noise=None, use_dems=True):
+        c = self.adm(lq, torch.zeros(lq.shape[0])).mean(dim=(2, 3))
+        self.film = self.mtheta(c)
+        z, skips = self.encode(lq, noise)
+        context = self.prompt.expand(lq.shape[0], -1, -1)
+        eps = self.unet(z, torch.full((lq.shape[0],), 999), encoder_hidden_states=context).sample
+        x0 = (z - (1 - self.abar) ** 0.5 * eps) / self.abar ** 0.5
+        return self.decode(x0, skips, use_dems).clamp(-1, 1)
+
+    def stage1_dict(self, unet_targets, vae_regex) -> dict:
+        unet = {k: v for k, v in self.unet.state_dict().items() if "lora" in k or "conv_in" in k}
+        vae = {k: v for k, v in self.vae.state_dict().items() if "lora" in k or "skip_conv" in k}
+        return {"rank_unet": self.rank, "rank_vae": self.rank, "unet_lora_target_modules": list(unet_targets),
+                "vae_lora_target_modules": vae_regex, "state_dict_unet": unet, "state_dict_vae": vae,
+                "state_dict_unet_de_mlp": self.mtheta.de_mlp.state_dict(),
+                "state_dict_unet_block_mlp": self.mtheta.block_mlp.state_dict(),
+                "state_dict_unet_fuse_mlp": self.mtheta.fuse_mlp.state_dict(),
+                "state_dict_unet_block": self.mtheta.block.state_dict()}
+
+    def stage2_dict(self) -> dict:
+        vae = {k: v for k, v in self.vae.state_dict().items() if "sft_blocks" in k or "skip_conv" in k}
+        return {"rank_vae_decoder": self.rank, "state_dict_vae": vae}
+
+    def load_official(self, stage1: dict, stage2: dict | None):
+        """Load the authors' dicts as their code does (by name into the modules)."""
+        for target, key in ((self.mtheta.de_mlp, "state_dict_unet_de_mlp"), (self.mtheta.block_mlp, "state_dict_unet_block_mlp"),
+                            (self.mtheta.fuse_mlp, "state_dict_unet_fuse_mlp"), (self.mtheta.block, "state_dict_unet_block")):
+            target.load_state_dict(stage1[key], strict=True)
+        for model, key in ((self.unet, "state_dict_unet"), (self.vae, "state_dict_vae")):
+            result = model.load_state_dict(stage1[key], strict=False)
+            assert not result.unexpected_keys, result.unexpected_keys
+        if stage2 is not None:
+            assert not self.vae.load_state_dict(stage2["state_dict_vae"], strict=False).unexpected_keys
