@@ -56,9 +56,27 @@ def test_bfloat16_compute_keeps_float32_params():
     model = tiny_unet(dtype=jnp.bfloat16)
     assert all(v.dtype == jnp.float32 for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     out = nnx.jit(lambda m: m(x, t, c))(model)
-    assert out.dtype == jnp.bfloat16
+    assert out.dtype == jnp.float32  # the output head runs in float32
     rel = np.linalg.norm(np.asarray(out, np.float32) - reference) / np.linalg.norm(reference)
     assert rel < 0.05, rel
+
+
+def test_a_float32_output_head_cuts_the_bfloat16_error_of_dods_x0():
+    """x0 = (z - sqrt(1 - abar) eps) / sqrt(abar) at t = 999 multiplies eps's error by 14.6:
+    with the UNet in bfloat16, the float32 head (conv_norm_out, conv_out) keeps x0 closer to
+    the float32 truth than a bfloat16 head does. Measured on this tiny UNet: max abs error
+    0.281 against 0.293, so most of bfloat16's error comes from the body, not the head."""
+    from dod_jax.schedule import DDPMSchedule
+    from conftest import tiny_config
+    x, _, c = inputs()
+    t = jnp.full((x.shape[0],), 999)
+    schedule = DDPMSchedule.from_config(tiny_config().scheduler.to_dict())
+    x0 = lambda m: schedule.eps_to_x0(x, nnx.jit(lambda m: m(x, t, c))(m).astype(jnp.float32), t)
+    truth = np.asarray(x0(tiny_unet()))
+    errors = {head: float(np.abs(np.asarray(x0(tiny_unet(dtype=jnp.bfloat16, output_dtype=dtype))) - truth).max())
+              for head, dtype in (("float32 head", jnp.float32), ("bfloat16 head", None))}
+    print(f"x0 max abs error against float32, UNet in bfloat16: {errors}")
+    assert errors["float32 head"] < errors["bfloat16 head"], errors
 
 
 def test_attention_implementation_is_selectable():

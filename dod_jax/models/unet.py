@@ -1,7 +1,9 @@
 """Stable Diffusion's UNet2DConditionModel in Flax NNX (SD 1.x / 2.x family).
 
 Layout: `sample` is NHWC (B, H, W, in_channels); `encoder_hidden_states` is (B, T, D);
-the output is NHWC (B, H, W, out_channels) in the compute dtype. Any H, W works: skip
+the output is NHWC (B, H, W, out_channels), by default in float32 whatever the compute dtype
+(the output head, conv_norm_out and conv_out, runs in float32: DOD's x0 = (z - 0.998 eps) / 0.068
+multiplies eps's rounding by 14.6, and bfloat16's 8 bits would show). Any H, W works: skip
 connections fix the upsampled sizes, as diffusers does for sizes not divisible by 8.
 """
 
@@ -308,12 +310,14 @@ class UNet2DCondition(nnx.Module):
     `encoder_hidden_states`.
 
     dtype: compute dtype of activations (e.g. jnp.bfloat16); param_dtype: storage dtype.
+    output_dtype: compute dtype of the output head (conv_norm_out, conv_out) and of the output;
+    None: the compute dtype.
     remat: rematerialise each down/mid/up block in the backward pass.
     attention_impl: see layers.dot_product_attention ("auto", "chunked", None, "xla", "cudnn").
     """
 
     def __init__(self, config: UNetConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-                 attention_impl: str | None = "auto", rngs: nnx.Rngs):
+                 attention_impl: str | None = "auto", output_dtype=jnp.float32, rngs: nnx.Rngs):
         cfg = config
         self.config, self.dtype, self.remat = cfg, dtype, remat
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -336,9 +340,10 @@ class UNet2DCondition(nnx.Module):
             up.append(UpBlock(in_ch, out_ch, prev_out, cfg=cfg, index=i, heads=heads[i], depth=depth[i],
                               temb_ch=temb_ch, **blocks))
         self.up_blocks = nnx.List(up)
-        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps, dtype=dtype,
+        head = dict(kw, dtype=output_dtype or dtype)
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps, dtype=head["dtype"],
                                        param_dtype=param_dtype)
-        self.conv_out = Conv2d(ch[0], cfg.out_channels, cfg.conv_out_kernel, **kw)
+        self.conv_out = Conv2d(ch[0], cfg.out_channels, cfg.conv_out_kernel, **head)
 
     def __call__(self, sample, timesteps, encoder_hidden_states):
         cfg = self.config
