@@ -33,7 +33,7 @@ demo: $(VENV)/.core $(LPIPS_WEIGHTS)
 	$(PY) -m dod_jax.demo --workdir runs/demo
 
 test: $(VENV)/.test $(LPIPS_WEIGHTS)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 bench: $(VENV)/.test $(LPIPS_WEIGHTS)
 	$(PY) bench/forward.py

@@ -1,6 +1,6 @@
 """The training stages on the micro config: a step sharded over 8 virtual devices equals the
 step on one, micro-batches equal the whole batch, non-finite updates are skipped, a stopped run
-resumes exactly, and stage 2 starts from stage 1's checkpoint."""
+resumes exactly, and stage 2 starts from stage 1's checkpoint (the main job: test_main_job.py)."""
 
 import dataclasses
 import json
@@ -162,31 +162,6 @@ def test_a_stopped_run_resumes_exactly_and_stage_2_starts_from_its_parameters(tm
 
     with pytest.raises(ckpt.CheckpointError, match="stage1 run"):
         run(stage2, tmp_path / "straight")  # a stage-1 run directory cannot continue as stage 2
-
-
-def test_the_main_job_trains_both_stages_and_evaluates_against_the_lq_baseline(tmp_path):
-    """`make demo`'s command on the micro config with a few steps per stage: both stages train
-    (stage 2's MSE + SSIM falls within them), and the evaluation writes evaluate.py's files."""
-    import subprocess
-    import sys
-    from conftest import ROOT
-    result = subprocess.run([sys.executable, "-m", "dod_jax.demo", f"--workdir={tmp_path}",
-                             f"--config={ROOT / 'configs' / 'micro.py'}", "--stage1-steps=2", "--stage2-steps=10", "--eval-per-task=1"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["training"]) == {"stage1", "stage2"}
-    assert summary["training"]["stage2"]["last"] < summary["training"]["stage2"]["first"]
-    results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    columns = ["dehaze", "derain", "denoise_15", "denoise_25", "denoise_50"]
-    assert [r["task"] for r in results["images"]] == columns and list(results["tasks"]) == columns + ["average"]
-    for row in results["images"]:
-        assert 5 < row["lq"]["psnr"] < 40 and 0 < row["dod"]["ssim"] <= 1 and row["dod"]["lpips_vgg"] >= 0
-    table = (tmp_path / "eval" / "results.md").read_text()
-    assert "| Input (LQ) |" in table and "| DOD (ours) |" in table and "average" in table
-    for folder in ("restored", "sheets"):
-        assert len(list((tmp_path / "eval" / folder).rglob("*.png"))) == len(results["images"])
-    assert (tmp_path / "stage2" / "checkpoints" / "10" / "params").is_dir()
 
 
 def test_two_processes_on_loopback_train_together_and_agree(tmp_path):

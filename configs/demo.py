@@ -1,0 +1,56 @@
+"""The main job's DOD: the tiny config's architecture on a base the project pretrained itself
+on the built-in demo photos (dod_jax/assets/demo_base, loaded through the real loaders), with
+training settings that fit the demo's time on a 2-core CPU.
+
+The `pretrain` section is the recipe of that base (dod_jax.training.pretrain_base), which
+reproduces the shipped files:
+
+    python -m dod_jax.training.pretrain_base --config configs/demo.py --out dod_jax/assets/demo_base
+"""
+
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from configs import tiny
+
+DEMO_BASE = Path(__file__).resolve().parent.parent / "dod_jax" / "assets" / "demo_base"
+
+
+def get_config() -> ConfigDict:
+    config = tiny.get_config()
+    # 16 latent channels (as SD 3's VAE) instead of SD 2.1's 4: at 8x downsampling the tiny VAE
+    # then keeps enough of a photo to reconstruct it sharply after minutes of training.
+    config.vae.latent_channels = 16
+    config.unet.update({"in_channels": 16, "out_channels": 16})
+    config.base.update({"sd": str(DEMO_BASE / "sd"), "adm": str(DEMO_BASE / "adm.safetensors"),
+                        "prompts": str(DEMO_BASE / "prompts.safetensors"), "random_seed": -1})
+    # The MFM sees the LQ at its own resolution (the authors' code at test time): training crops
+    # are 64 pixels and test photos 256 x 384, so a fixed-size resized copy would show the ADM
+    # noise and rain at another scale in training than at test.
+    config.dod.mfm_size = 0
+    # One crop per task and step: at a fixed time budget, more and smaller steps train further.
+    config.data.stage1_ratio = "dehaze:1,derain:1,denoise:1"
+    # The networks only ever see 64-pixel crops (the base's VAE and UNet, and DOD's training),
+    # so restore in tiles of that size: whole 256 x 384 photos would give GroupNorm and
+    # attention statistics they never saw.
+    config.restore.update({"tile": 64, "tile_overlap": 16, "tile_above": 0})
+    # Few checkpoints and sample sheets: each costs seconds of the demo's minutes.
+    config.train.update({"log_every": 10, "sample_every": 100, "checkpoint_every": 100})
+    # The main job's two runs (dod_jax.demo): per-stage values for `train`.
+    config.demo = ConfigDict({"stage1": {"steps": 300}, "stage2": {"steps": 120, "lr": 3e-4}})
+    config.pretrain = ConfigDict({
+        "seed": 0,
+        # The VAE: an autoencoder on LQ and GT crops of the demo's training photos; L1 + LPIPS-VGG
+        # + KL (per latent position, summed over channels), AdamW with warm-up and cosine decay.
+        "vae_steps": 3000, "vae_crop": 64, "vae_units": 1, "vae_lr": 2e-3,
+        "l1": 1.0, "lpips": 1.0, "kl": 1e-4,
+        # The UNet: epsilon prediction on the frozen VAE's scaled latents at t ~ U{0..999};
+        # GT crops carry the prompt embedding, LQ crops the negative prompt, so that DMD's
+        # classifier-free guidance (real score) points from degraded towards clean.
+        "unet_steps": 1500, "unet_crop": 128, "unet_units": 1, "unet_lr": 1e-3,
+        "warmup": 100, "final_lr_fraction": 0.05, "weight_decay": 1e-4, "clip": 1.0,
+        # Crops per task in a batch (the VAE and UNet see each crop's LQ and GT).
+        "ratio": "dehaze:1,derain:1,denoise:2",
+    })
+    return config

@@ -1,0 +1,276 @@
+"""Pretraining a small SD-family base on the built-in demo photos: the main job's frozen base.
+
+    python -m dod_jax.training.pretrain_base --config configs/demo.py --out DIR [--compare SHIPPED]
+
+No Stable Diffusion weights can be downloaded here, and DOD on a random base makes photos
+worse. So the demo's base is pretrained by this module, on the training photos of the
+built-in demo set (dod_jax.data.demo), in the config's `vae` / `unet` / `adm` shapes and by its
+`pretrain` recipe (configs/demo.py documents it):
+
+1. the VAE (AutoencoderKL) as an autoencoder on LQ and GT crops: L1 + LPIPS-VGG + KL;
+2. its scaling factor, 1 / std of the posterior samples of training crops (SD's 0.18215 was
+   found the same way for its VAE), written into its config.json;
+3. the UNet (UNet2DConditionModel) as an epsilon-prediction denoiser on the frozen VAE's
+   scaled latents, t ~ U{0..999}, the prompt embedding on GT latents and the negative prompt
+   on LQ latents (so that DMD's guided real score points from degraded towards clean);
+4. the ADM encoder stays at its random initialisation (the demo's MFM: mean-pooled random
+   convolutional features already tell the degradations apart; README "The demo's base"
+   gives the measurement), and the prompt embeddings are fixed random arrays (no text encoder
+   exists offline).
+
+DIR receives sd/ (unet/, vae/, scheduler/ in diffusers' layout), adm.safetensors and
+prompts.safetensors (the files dod_jax.dod.build.load_base reads), and manifest.json: the
+recipe, the losses, the VAE's PSNR and LPIPS on the held-out demo photos, and every file's size and
+sha256. The folder is written whole or not at all. Every random draw follows the seed and the
+step, so a run on the same machine kind and jax version writes the same bytes; `--compare`
+checks the written files against another base folder's manifest (the shipped one by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from dod_jax.configs import load_config
+from dod_jax.data import layouts
+from dod_jax.data.demo import TEST_PHOTOS, demo_photos, write_demo_set
+from dod_jax.data.pipeline import TrainBatches, sources_from_pairs
+from dod_jax.dod.build import base_networks
+from dod_jax.dod.prompts import save_prompt_embeddings
+from dod_jax.errors import ConfigError, reported
+from dod_jax.evaluation.metrics import psnr
+from dod_jax.files import atomic_folder, atomic_write
+from dod_jax.image_ops import to_uint8
+from dod_jax.losses.lpips import load_lpips
+from dod_jax.models.layers import NumpyRngs
+from dod_jax.schedule import DDPMSchedule
+from dod_jax.weights.adm import save_adm
+from dod_jax.weights.diffusers import SDPipeline, save_pipeline
+
+MANIFEST = "manifest.json"
+SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "demo_base"
+
+
+def parse_ratio(text: str) -> dict[str, int]:
+    try:
+        return {t.strip(): int(n) for t, n in (item.split(":") for item in text.split(","))}
+    except ValueError as e:
+        raise ConfigError(f"pretrain.ratio {text!r}: expected 'task:n,task:n'") from e
+
+
+def demo_batches(root: Path, recipe, crop: int, units: int) -> TrainBatches:
+    ratio = parse_ratio(recipe.ratio)
+    pairs = layouts.checked_pairs(root, "aio5", "train", tuple(ratio))
+    return TrainBatches(sources_from_pairs(pairs), ratio, crop=crop, units=units, seed=recipe.seed)
+
+
+def adamw(recipe, lr: float, steps: int):
+    warmup = min(recipe.warmup, steps // 2)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * recipe.final_lr_fraction)
+    return optax.chain(optax.clip_by_global_norm(recipe.clip), optax.adamw(schedule, weight_decay=recipe.weight_decay))
+
+
+def kl_divergence(posterior) -> jax.Array:
+    """KL(q(z|x) || N(0, I)) per latent position, summed over channels, averaged."""
+    terms = posterior.mean ** 2 + jnp.exp(posterior.logvar) - 1.0 - posterior.logvar
+    return 0.5 * jnp.mean(jnp.sum(terms, axis=-1))
+
+
+@nnx.jit
+def vae_step(vae, optimizer, lpips, images, key, weights):
+    def loss_fn(vae):
+        posterior = vae.encode(images)
+        restored = vae.decode(posterior.sample(key)).astype(jnp.float32)
+        terms = {"l1": jnp.mean(jnp.abs(restored - images)), "lpips": lpips(restored, images).mean(),
+                 "kl": kl_divergence(posterior)}
+        return sum(weights[k] * v for k, v in terms.items()), terms
+
+    (loss, terms), grads = nnx.value_and_grad(loss_fn, has_aux=True)(vae)
+    optimizer.update(vae, grads)
+    return dict(terms, loss=loss)
+
+
+@nnx.jit
+def unet_step(unet, optimizer, vae, schedule, images, context, key, scaling_factor):
+    k_latent, k_t, k_noise = jax.random.split(key, 3)
+    z = jax.lax.stop_gradient(vae.encode(images).sample(k_latent)) * scaling_factor
+    t = jax.random.randint(k_t, (z.shape[0],), 0, schedule.num_train_timesteps)
+    noise = jax.random.normal(k_noise, z.shape, z.dtype)
+    noisy = schedule.add_noise(z, noise, t)
+
+    def loss_fn(unet):
+        return jnp.mean((unet(noisy, t, context).astype(jnp.float32) - noise) ** 2)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(unet)
+    optimizer.update(unet, grads)
+    return {"loss": loss}
+
+
+@nnx.jit
+def _posterior_samples(vae, images, key):
+    return vae.encode(images).sample(key)
+
+
+@nnx.jit
+def _reconstruct(vae, images):
+    return vae.decode(vae.encode(images).mode()).astype(jnp.float32)
+
+
+def train(name: str, steps: int, step_fn, batches: TrainBatches, seed: int) -> list[dict]:
+    """Run `step_fn(batch, key)` for `steps` steps with progress; returns the logged losses."""
+    log, iterator = [], batches.iterator(steps)
+    progress = tqdm(range(steps), desc=f"{name} [compiling]", dynamic_ncols=True)
+    for step in progress:
+        values = step_fn(next(iterator), jax.random.fold_in(jax.random.key(seed), step))
+        if step == 0:
+            jax.block_until_ready(values)
+            progress.set_description(name)
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            values = {k: float(v) for k, v in jax.device_get(values).items()}
+            log.append(dict(step=step + 1, **values))
+            progress.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
+    return log
+
+
+def scaling_factor(vae, batches: TrainBatches, seed: int, batches_used: int = 16) -> float:
+    """1 / std of the posterior samples of training crops (LQ and GT), to 5 significant digits."""
+    samples = [np.asarray(_posterior_samples(vae, np.concatenate([b["lq"], b["gt"]]),
+                                             jax.random.fold_in(jax.random.key(seed + 1), i)))
+               for i, b in ((i, batches.batch(i)) for i in range(batches_used))]
+    return float(f"{1.0 / float(np.std(np.concatenate(samples))):.5g}")
+
+
+def held_out_reconstruction(vae, lpips, crop: int) -> dict[str, dict[str, float]]:
+    """The VAE's reconstruction PSNR (8-bit RGB) and LPIPS-VGG on each held-out demo photo, cut
+    into crops of the training size that are each encoded and decoded on their own."""
+    out = {}
+    for name, photo in demo_photos().items():
+        if name not in TEST_PHOTOS:
+            continue
+        h, w = (s // crop * crop for s in photo.shape[:2])
+        crops = photo[:h, :w].reshape(h // crop, crop, w // crop, crop, 3).swapaxes(1, 2).reshape(-1, crop, crop, 3)
+        restored = to_uint8(np.asarray(_reconstruct(vae, jnp.asarray(crops.astype(np.float32) / 127.5 - 1.0))))
+        stacked = lambda images: images.reshape(-1, crop, 3).astype(np.float32) / 255.0  # all crops as one image
+        perceptual = lpips(jnp.asarray(restored / 127.5 - 1.0), jnp.asarray(crops / 127.5 - 1.0))
+        out[name] = {"psnr": round(psnr(stacked(restored), stacked(crops)), 4),
+                     "lpips": round(float(jnp.mean(perceptual)), 4)}
+    return out
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def file_table(folder: Path) -> dict[str, dict]:
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def pretrain(config, out: Path) -> dict:
+    """Pretrain the base of `config` by `config.pretrain` and write it to `out` (a new folder)."""
+    recipe = config.pretrain
+    if out.exists():
+        raise ConfigError(f"{out} exists; write the base to a new folder")
+    started = time.time()
+    unet, vae, adm = base_networks(config, NumpyRngs(recipe.seed), jnp.float32)
+    schedule_config = config.scheduler.to_dict()
+    schedule = DDPMSchedule.from_config(schedule_config)
+    generator = np.random.default_rng(recipe.seed)
+    shape = (config.prompt_length, unet.config.cross_attention_dim)
+    prompts = {k: generator.standard_normal(shape).astype(np.float32) for k in ("prompt", "negative_prompt")}
+    lpips = load_lpips(config.train.lpips_weights)
+
+    with tempfile.TemporaryDirectory(prefix="demo_photos.") as data:
+        root = write_demo_set(Path(data) / "demo")
+        vae_batches = demo_batches(root, recipe, recipe.vae_crop, recipe.vae_units)
+        optimizer = nnx.Optimizer(vae, adamw(recipe, recipe.vae_lr, recipe.vae_steps), wrt=nnx.Param)
+        weights = {"l1": recipe.l1, "lpips": recipe.lpips, "kl": recipe.kl}
+        vae_log = train("vae", recipe.vae_steps, lambda b, key: vae_step(
+            vae, optimizer, lpips, jnp.concatenate([b["lq"], b["gt"]]), key, weights), vae_batches, recipe.seed)
+        vae.config = dataclasses.replace(vae.config, scaling_factor=scaling_factor(vae, vae_batches, recipe.seed))
+
+        unet_batches = demo_batches(root, recipe, recipe.unet_crop, recipe.unet_units)
+        n = unet_batches.batch_size
+        context = jnp.concatenate([jnp.broadcast_to(prompts["prompt"], (n,) + shape),
+                                   jnp.broadcast_to(prompts["negative_prompt"], (n,) + shape)])
+        optimizer = nnx.Optimizer(unet, adamw(recipe, recipe.unet_lr, recipe.unet_steps), wrt=nnx.Param)
+        unet_log = train("unet", recipe.unet_steps, lambda b, key: unet_step(
+            unet, optimizer, vae, schedule, jnp.concatenate([b["gt"], b["lq"]]), context, key,
+            vae.config.scaling_factor), unet_batches, recipe.seed + 2)
+
+    manifest = {
+        "what": "the demo's SD-family base, pretrained on the built-in demo photos (dod_jax.training.pretrain_base)",
+        "command": "python -m dod_jax.training.pretrain_base --config configs/demo.py --out DIR",
+        "recipe": recipe.to_dict(), "scaling_factor": vae.config.scaling_factor,
+        "vae_held_out": held_out_reconstruction(vae, lpips, recipe.vae_crop), "vae_log": vae_log, "unet_log": unet_log,
+        "made_with": {"jax": jax.__version__, "backend": jax.default_backend(), "machine": platform.machine(),
+                      "cpu": _cpu_model(), "seconds": round(time.time() - started, 1)},
+    }
+
+    def fill(folder: Path):
+        save_pipeline(SDPipeline(unet, vae, schedule), folder / "sd", schedule_config)
+        save_adm(adm, folder / "adm.safetensors")
+        save_prompt_embeddings(folder / "prompts.safetensors", prompts["prompt"], prompts["negative_prompt"],
+                               ("random embedding (no text encoder offline)",) * 2)
+        manifest["files"] = file_table(folder)
+        atomic_write(folder / MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=2)))
+
+    atomic_folder(out, fill)
+    return manifest
+
+
+def differences(written: dict, reference_folder: Path) -> list[str]:
+    """The files whose size or sha256 differ from (or are absent in) another base's manifest."""
+    reference = json.loads((reference_folder / MANIFEST).read_text())["files"]
+    return sorted(k for k in set(written) | set(reference) if written.get(k) != reference.get(k))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="pretrain_base", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[2] / "configs" / "demo.py")
+    parser.add_argument("--out", type=Path, required=True, help="the base folder to create")
+    parser.add_argument("--compare", type=Path, default=SHIPPED,
+                        help="a base folder whose manifest the written files are checked against")
+    parser.add_argument("--vae-steps", type=int, help="instead of the recipe's (a quick check; not the shipped base)")
+    parser.add_argument("--unet-steps", type=int, help="instead of the recipe's (a quick check; not the shipped base)")
+    args = parser.parse_args(argv)
+    with reported(parser.prog):
+        config = load_config(args.config)
+        for key in ("vae_steps", "unet_steps"):
+            if getattr(args, key) is not None:
+                config.pretrain[key] = getattr(args, key)
+        manifest = pretrain(config, args.out)
+        print(json.dumps({k: manifest[k] for k in ("scaling_factor", "vae_held_out", "made_with")}, indent=2))
+        if (args.compare / MANIFEST).is_file():
+            differ = differences(manifest["files"], args.compare)
+            print(f"{'identical to' if not differ else 'differs from'} {args.compare}"
+                  + (f": {', '.join(differ)}" if differ else ""))
+            return 1 if differ else 0
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
