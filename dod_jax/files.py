@@ -9,11 +9,21 @@ output would get: 0666 or 0777 less the umask.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file, read in blocks (weights files run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def umask() -> int:

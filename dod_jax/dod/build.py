@@ -5,7 +5,6 @@ the config's shapes for tests and the demo."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,6 +16,7 @@ from flax import nnx
 from dod_jax.dod.model import DOD
 from dod_jax.dod.prompts import load_prompt_embeddings
 from dod_jax.errors import ConfigError
+from dod_jax.files import sha256
 from dod_jax.models.adm import ADMConfig, ADMEncoder
 from dod_jax.models.layers import FixedKeyRngs, NumpyRngs
 from dod_jax.models.unet import UNet2DCondition, UNetConfig
@@ -109,12 +109,8 @@ def file_identity(path: str | os.PathLike, root: Path | None = None) -> dict:
         if local.is_dir() else [local]
     out = []
     for f in files:
-        digest = hashlib.sha256()
-        with open(f, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
         name = recorded / f.relative_to(local) if local.is_dir() else recorded
-        out.append({"path": str(name), "bytes": f.stat().st_size, "sha256": digest.hexdigest()})
+        out.append({"path": str(name), "bytes": f.stat().st_size, "sha256": sha256(f)})
     return {"path": str(recorded), "files": out}
 
 

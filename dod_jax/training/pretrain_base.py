@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import platform
 import tempfile
@@ -52,7 +51,7 @@ from dod_jax.dod.build import base_networks
 from dod_jax.dod.prompts import save_prompt_embeddings
 from dod_jax.errors import ConfigError, reported
 from dod_jax.evaluation.metrics import psnr
-from dod_jax.files import atomic_folder, atomic_write
+from dod_jax.files import atomic_folder, atomic_write, sha256
 from dod_jax.image_ops import to_uint8
 from dod_jax.losses.lpips import load_lpips
 from dod_jax.models.layers import NumpyRngs
@@ -168,10 +167,6 @@ def held_out_reconstruction(vae, lpips, crop: int) -> dict[str, dict[str, float]
         out[name] = {"psnr": round(psnr(stacked(restored), stacked(crops)), 4),
                      "lpips": round(float(jnp.mean(perceptual)), 4)}
     return out
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def file_table(folder: Path) -> dict[str, dict]:

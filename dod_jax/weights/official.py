@@ -37,7 +37,6 @@ a bundle); nothing imports it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 import shutil
 import tempfile
@@ -50,7 +49,7 @@ from dod_jax.dod import official
 from dod_jax.dod.build import BaseModels, adm_config, build_dod
 from dod_jax.dod.prompts import load_prompt_embeddings, save_prompt_embeddings
 from dod_jax.errors import ConfigError, reported
-from dod_jax.files import atomic_folder
+from dod_jax.files import atomic_folder, sha256
 from dod_jax.restore.bundle import load_model, save_bundle
 from dod_jax.weights import torch_pickle
 from dod_jax.weights.adm import convert_checkpoint, load_adm
@@ -63,7 +62,7 @@ EXPORTED = ("stage1.pkl", "stage2.pkl", "prompt_embeds.pt", "neg_prompt_embeds.p
 
 
 def file_record(path: Path) -> dict:
-    return {"name": path.name, "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256(path)}
 
 
 def read_dict(path: Path) -> dict:
