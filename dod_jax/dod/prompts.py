@@ -12,6 +12,7 @@ Computing them needs the pipeline's text_encoder/ and tokenizer/ folders and tra
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -32,10 +33,13 @@ def save_prompt_embeddings(path: str | os.PathLike, prompt: np.ndarray, negative
         raise ValueError(f"prompt embeddings must be (tokens, dim) arrays of one shape, got "
                          f"{prompt.shape} and {None if negative_prompt is None else negative_prompt.shape}")
     tensors = {"prompt": np.asarray(prompt, np.float32)}
-    metadata = {"prompt_text": texts[0]}
+    described = {"prompt": texts[0]}
     if negative_prompt is not None:
         tensors["negative_prompt"] = np.asarray(negative_prompt, np.float32)
-        metadata["negative_prompt_text"] = texts[1]
+        described["negative_prompt"] = texts[1]
+    # One metadata entry: safetensors writes several in a random order, and equal embeddings
+    # must give equal bytes (the demo base's manifest holds their sha256).
+    metadata = {"texts": json.dumps(described, sort_keys=True)}
     atomic_write(path, lambda p: save_file(tensors, p, metadata=metadata))
     return path
 
