@@ -21,9 +21,8 @@ from dod_jax.dod.model import all_trained
 from dod_jax.dod.prompts import save_prompt_embeddings
 from dod_jax.restore.bundle import load_model, save_bundle
 from dod_jax.weights.adm import save_adm
-from dod_jax.weights.diffusers import WeightsError, save_pipeline, torch_tensors
+from dod_jax.weights.diffusers import save_pipeline, torch_tensors
 from dod_jax.weights.official import main as official_main
-from dod_jax.weights.torch_pickle import load as torch_load
 
 MICRO = ROOT / "configs" / "micro.py"
 
@@ -141,22 +140,20 @@ def test_a_dod_jax_model_exports_as_the_same_function_in_the_literal_form(tmp_pa
     np.testing.assert_allclose(np.asarray(theirs.model(lq)), np.asarray(model(lq)), atol=1e-5)
 
 
-def rewrite(folder, tmp_path, stage, edit):
-    content = torch.load(folder / f"{stage}.pkl", weights_only=True)
+def rewrite(source, out, edit):
+    """A copy of the authors' file `source` with `edit` applied to its dict, written to `out`."""
+    content = torch.load(source, weights_only=True)
     edit(content)
-    torch.save(content, tmp_path / f"{stage}.pkl")
-    return tmp_path / f"{stage}.pkl"
+    torch.save(content, out)
 
 
 def test_bad_files_are_named_with_their_entries_and_nothing_is_written(released, tmp_path, capsys):
     folder, _, _ = released
     data = (folder / "stage1.pkl").read_bytes()
     (tmp_path / "truncated.pkl").write_bytes(data[: len(data) // 3])
-    wrong_rank = rewrite(folder, tmp_path / "", "stage1", lambda c: c["state_dict_unet"].update(
+    rewrite(folder / "stage1.pkl", tmp_path / "wrong_rank.pkl", lambda c: c["state_dict_unet"].update(
         {k: v[:4] if ".lora_A." in k else v for k, v in c["state_dict_unet"].items()}))
-    (tmp_path / "wrong_rank.pkl").write_bytes(wrong_rank.read_bytes())
-    no_mtheta = rewrite(folder, tmp_path / "", "stage1", lambda c: c["state_dict_unet_de_mlp"].pop("0.bias"))
-    (tmp_path / "no_mtheta.pkl").write_bytes(no_mtheta.read_bytes())
+    rewrite(folder / "stage1.pkl", tmp_path / "no_mtheta.pkl", lambda c: c["state_dict_unet_de_mlp"].pop("0.bias"))
     cases = {
         "truncated": ({"--stage1": tmp_path / "truncated.pkl"}, r"truncated\.pkl: not a torch.save file"),
         "rank": ({"--stage1": tmp_path / "wrong_rank.pkl"},

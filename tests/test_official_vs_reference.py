@@ -14,7 +14,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from adm_reference import ADMEncoderTorch
-from conftest import ROOT, diffusers_model, nchw, nhwc, perturb_
+from conftest import diffusers_model, nchw, nhwc, perturb_
 from dod_jax.configs import load_config
 from dod_jax.dod.official import vae_target_regex
 from dod_jax.models.layers import normal_per_sample
