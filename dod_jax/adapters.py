@@ -104,6 +104,15 @@ class LoRA(nnx.Module):
         gamma, beta = split_film(film[self.film_key, 0], self.literal_gamma)
         return jnp.einsum("...r,r,ro->...o", a, gamma, b) * self.scale, (beta @ b) * self.scale
 
+    def merge_into(self, layer, film=None):
+        """W0 + the folded update, b0 + its bias part (a bias is added where W0 had none)."""
+        kernel_delta, bias_delta = self.folded(film)
+        layer.kernel.set_value(layer.kernel[...] + kernel_delta.astype(layer.kernel.dtype))
+        if bias_delta is not None:
+            if layer.bias is None:
+                layer.bias = nnx.data(nnx.Param(jnp.zeros(bias_delta.shape, layer.kernel.dtype)))
+            layer.bias.set_value(layer.bias[...] + bias_delta.astype(layer.bias.dtype))
+
 
 class TrainedCopy(nnx.Module):
     """A trained full copy of one layer, initialised to its frozen weights: while its set is
@@ -129,6 +138,12 @@ class TrainedCopy(nnx.Module):
 
     def __call__(self, x):
         return self.copy(x) if _SELECTED.get().name == self.set_name else None
+
+    def merge_into(self, layer, film=None):
+        """The copy's weights become the layer's."""
+        layer.kernel.set_value(self.copy.kernel[...])
+        if layer.bias is not None:
+            layer.bias.set_value(self.copy.bias[...])
 
 
 def add_trained_copy(model: nnx.Module, path: str, set_name: str, rngs) -> str:
@@ -204,17 +219,7 @@ def merge(model: nnx.Module, name: str, film: jax.Array | None = None) -> int:
     merged inside a jitted function."""
     count = 0
     for _, layer, adapter in list(adapted(model, name)):
-        if isinstance(adapter, TrainedCopy):
-            layer.kernel.set_value(adapter.copy.kernel[...])
-            if layer.bias is not None:
-                layer.bias.set_value(adapter.copy.bias[...])
-        else:
-            kernel_delta, bias_delta = adapter.folded(film)
-            layer.kernel.set_value(layer.kernel[...] + kernel_delta.astype(layer.kernel.dtype))
-            if bias_delta is not None:
-                if layer.bias is None:
-                    layer.bias = nnx.data(nnx.Param(jnp.zeros(bias_delta.shape, layer.kernel.dtype)))
-                layer.bias.set_value(layer.bias[...] + bias_delta.astype(layer.bias.dtype))
+        adapter.merge_into(layer, film)
         del layer.adapters[name]
         count += 1
     return count

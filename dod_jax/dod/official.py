@@ -27,7 +27,8 @@ from flax import nnx
 
 from dod_jax import adapters
 from dod_jax.dod.model import DOD, GENERATOR, all_trained
-from dod_jax.weights.diffusers import WeightsError, WeightsMismatchError, from_torch_layout, to_torch_layout
+from dod_jax.weights.diffusers import (WeightsError, WeightsMismatchError, from_torch_layout, to_torch_layout,
+                                      torch_layout_shape)
 
 UNET_ADAPTER, VAE_ADAPTER = "default", "vae_skip"  # the peft adapter names in the authors' files
 PEFT_ALPHA = 8.0  # peft's default lora_alpha, which the authors' code keeps: scale 8 / r
@@ -101,10 +102,6 @@ def official_entries(model: DOD) -> list[OfficialEntry]:
     return entries
 
 
-def _torch_shape(entry: OfficialEntry, shape: tuple) -> tuple:
-    return to_torch_layout(entry.layout, np.empty(shape, np.bool_)).shape
-
-
 def read_official(model: DOD, files: dict[str, dict], sources: dict[str, str]) -> None:
     """Fill `model`'s trained parameters from the authors' dicts: `files` maps 'stage1' (and,
     optionally, 'stage2') to the loaded dict, `sources` to the file names for messages. Every
@@ -131,7 +128,7 @@ def read_official(model: DOD, files: dict[str, dict], sources: dict[str, str]) -
         misshaped = []
         for label in sorted(set(wanted) & set(present)):
             entry, tensor = wanted[label][0], present[label]
-            expected = _torch_shape(entry, flat[entry.path].shape)
+            expected = torch_layout_shape(entry.layout, tuple(flat[entry.path].shape))
             if not isinstance(tensor, np.ndarray) or tensor.shape != expected:
                 misshaped.append((label, getattr(tensor, "shape", type(tensor).__name__), expected))
         if missing or unexpected or misshaped:
@@ -168,6 +165,14 @@ def write_official(model: DOD, unet_targets, vae_targets) -> dict[str, dict]:
 def vae_target_regex(targets) -> str:
     """The authors' peft target for the VAE encoder: a regex over module names."""
     return r"^encoder\..*(" + "|".join(re.escape(t) for t in targets) + r")$"
+
+
+def vae_targets_from_regex(regex, source: str) -> list[str]:
+    """The module-name alternatives of such a regex (the inverse of vae_target_regex)."""
+    m = re.fullmatch(r"\^encoder\\\.\.\*\((.*)\)\$", regex) if isinstance(regex, str) else None
+    if not m:
+        raise WeightsError(f"{source}: vae_lora_target_modules {regex!r} is not of the form ^encoder\\..*(a|b|...)$")
+    return [t.replace("\\.", ".") for t in m.group(1).split("|")]
 
 
 def checked_rank(files: dict[str, dict], sources: dict[str, str]) -> int:

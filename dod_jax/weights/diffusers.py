@@ -80,14 +80,17 @@ class TensorEntry:
 
     @property
     def torch_shape(self) -> tuple:
-        if self.layout == "linear":
-            return self.shape[::-1]
-        if self.layout == "conv":
-            kh, kw, i, o = self.shape
-            return (o, i, kh, kw)
-        if self.layout == "conv1d":
-            return self.shape[::-1]
-        return self.shape
+        return torch_layout_shape(self.layout, self.shape)
+
+
+def torch_layout_shape(layout: str, shape: tuple) -> tuple:
+    """The PyTorch shape of a parameter of `shape` in our `layout`."""
+    if layout in ("linear", "conv1d"):
+        return tuple(shape[::-1])
+    if layout == "conv":
+        kh, kw, i, o = shape
+        return (o, i, kh, kw)
+    return tuple(shape)
 
 
 def to_torch_layout(layout: str, array: np.ndarray) -> np.ndarray:

@@ -37,7 +37,6 @@ a bundle); nothing imports it.
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -82,14 +81,6 @@ def read_embedding(path: Path, dim: int) -> np.ndarray:
     return tensor.reshape(tensor.shape[-2:]).astype(np.float32)
 
 
-def vae_targets_from_regex(regex: str, source: str) -> list[str]:
-    """The module-name alternatives of the authors' VAE-encoder peft regex."""
-    m = re.fullmatch(r"\^encoder\\\.\.\*\((.*)\)\$", regex) if isinstance(regex, str) else None
-    if not m:
-        raise WeightsError(f"{source}: vae_lora_target_modules {regex!r} is not of the form ^encoder\\..*(a|b|...)$")
-    return [t.replace("\\.", ".") for t in m.group(1).split("|")]
-
-
 def import_official(stage1: Path, stage2: Path | None, sd: Path, adm: Path, prompts: Path, negative: Path | None,
                     config_path: Path, out: Path) -> Path:
     """Write the restore bundle `out` of the authors' checkpoints (nothing is written on error)."""
@@ -106,7 +97,7 @@ def import_official(stage1: Path, stage2: Path | None, sd: Path, adm: Path, prom
     if not (isinstance(unet_targets, list) and all(isinstance(t, str) for t in unet_targets)):
         raise WeightsError(f"{stage1}: unet_lora_target_modules is {unet_targets!r}, expected a list of names")
     config.dod.update(rank=rank, unet_targets=unet_targets, clora=True, clora_in_vae=False, prompts="group",
-                      vae_targets=vae_targets_from_regex(files["stage1"].get("vae_lora_target_modules"), str(stage1)),
+                      vae_targets=official.vae_targets_from_regex(files["stage1"].get("vae_lora_target_modules"), str(stage1)),
                       **OFFICIAL_SWITCHES)
 
     pipeline = load_pipeline(sd)
