@@ -91,8 +91,3 @@ def micro_config():
     from dod_jax.configs import load_config
     return load_config(ROOT / "configs" / "micro.py")
 
-
-def pytest_collection_modifyitems(items):
-    """The main job's test first: under xdist's `--dist loadfile` (make test) it then runs
-    beside the other files instead of alone at the end."""
-    items.sort(key=lambda item: item.path.name != "test_main_job.py")
