@@ -42,8 +42,15 @@ def get_config() -> ConfigDict:
             "w_init": 1.0,
             "growth": 32,           # RRDB growth channels
         },
-        "mfm_size": 256,            # MFM on a resized copy of the LQ; 0 = full resolution (the code at test time)
-        "latent": "sample",         # z from the posterior: 'sample' (code, needs a key) or 'mode'
+        # What the MFM (ADM) sees: a copy of the unpadded LQ resized to mfm_size x mfm_size, or with
+        # 0 the LQ itself at full resolution. The authors' training runs it on the 256-pixel crop
+        # itself (so 256 changes nothing there); the runner of their released model gives it a
+        # bicubic, antialiased 256 x 256 copy at test time. mfm_resize: 'bicubic' or 'bilinear'.
+        "mfm_size": 256,
+        "mfm_resize": "bicubic",
+        # z from the posterior: 'sample' (the authors' code: restore and evaluate draw it from
+        # --seed, training from the run's key) or 'mode' (the mean: deterministic without a seed).
+        "latent": "sample",
         "timestep": 999,
     })
     # The frozen base: an SD 2.1-base pipeline folder, the converted ADM encoder and the prompt
@@ -78,11 +85,15 @@ def get_config() -> ConfigDict:
         "log_every": 50, "sample_every": 1000, "checkpoint_every": 2000, "keep": 3,
     })
     # How restore and evaluate.py restore with a model of this config unless their command line
-    # says otherwise (dod_jax.restore.engine.RestoreSettings): sides padded to multiples of
-    # `bucket`; above `tile_above` padded pixels, tiles of `tile` overlapping by `tile_overlap`;
-    # short sides below `min_side` lifted first (256, as the authors' code); colour fix.
+    # (or --preset official, dod_jax.restore.engine.PRESETS) says otherwise
+    # (dod_jax.restore.engine.RestoreSettings): short sides below `min_side` lifted first (256,
+    # as the authors' code); sides to multiples of 8 by `fit` ('pad': reflect padding; 'resize':
+    # Lanczos down, as the runner of the authors' release), then padded to multiples of `bucket`;
+    # above `tile_above` padded pixels, tiles of `tile` pixels overlapping by `tile_overlap`,
+    # by `tiling` ('pixel': VAE and UNet on pixel tiles, memory bounded by one tile; 'latent':
+    # the VAE whole and the UNet alone on latent tiles, as the authors' code); colour fix.
     config.restore = ConfigDict({"bucket": 64, "tile": 512, "tile_overlap": 64, "tile_above": 1024 * 1024,
-                                 "min_side": 256, "color_fix": "none"})
+                                 "min_side": 256, "color_fix": "none", "fit": "pad", "tiling": "pixel"})
     config.parallel = ConfigDict({
         "devices": 0,               # how many devices the mesh takes (0 = all)
         "data": -1, "fsdp": 1,      # mesh shape; -1 = all devices left

@@ -6,14 +6,17 @@ import numpy as np
 from PIL import Image
 
 
-def resize_float(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bicubic resize (Pillow, antialiased when shrinking) of an (H, W, C) float image in [0, 1]
-    to `size` = (height, width), clipped to [0, 1]."""
+RESAMPLERS = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+
+
+def resize_float(image: np.ndarray, size: tuple[int, int], method: str = "bicubic") -> np.ndarray:
+    """Resize (Pillow, `method` bicubic or lanczos, antialiased when shrinking) an (H, W, C)
+    float image in [0, 1] to `size` = (height, width), clipped to [0, 1]."""
     if image.shape[:2] == tuple(size):
         return image
     h, w = size
     channels = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize(
-        (w, h), Image.Resampling.BICUBIC)) for c in range(image.shape[-1])]
+        (w, h), RESAMPLERS[method])) for c in range(image.shape[-1])]
     return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
 
 

@@ -19,8 +19,10 @@ SIZE = 64
 
 
 def tiny_dod(**dod_overrides):
+    """The tiny DOD on random base weights; its latent is the posterior mode unless overridden
+    (deterministic without a key)."""
     config = tiny_config()
-    config.dod.update(dod_overrides)
+    config.dod.update({"latent": "mode", **dod_overrides})
     base = random_base(config, seed=0)
     return build_dod(config, base, seed=0), base
 
@@ -112,7 +114,7 @@ def test_merged_clora_equals_unmerged_per_image_and_images_get_their_own_modulat
     @jax.jit
     def merged(state, image):
         m = nnx.merge(graphdef, state)
-        assert m.merge_generator(image) == len(m.unet_adapted) + 1 + len(m.vae_adapted)  # + conv_in
+        assert m.merge_generator(m.film(image)) == len(m.unet_adapted) + 1 + len(m.vae_adapted)  # + conv_in
         return m(image)
 
     for i in range(2):
@@ -122,7 +124,7 @@ def test_merged_clora_equals_unmerged_per_image_and_images_get_their_own_modulat
         # which multiplies them by 1/sqrt(abar_999) = 14.6. Measured: 2.3e-5.
         np.testing.assert_allclose(got[0], unmerged[i], atol=5e-5)
     with pytest.raises(ValueError, match="batch must be 1"):
-        model.merge_generator(lq)
+        model.merge_generator(model.film(lq))
 
 
 def test_ablation_switches_change_the_structure():

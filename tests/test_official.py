@@ -20,6 +20,7 @@ from dod_jax.dod.build import base_models, build_dod
 from dod_jax.dod.model import all_trained
 from dod_jax.dod.prompts import save_prompt_embeddings
 from dod_jax.restore.bundle import load_model, save_bundle
+from dod_jax.restore.engine import PRESETS
 from dod_jax.weights.adm import save_adm
 from dod_jax.weights.diffusers import save_pipeline, torch_tensors
 from dod_jax.weights.official import main as official_main
@@ -74,7 +75,11 @@ def test_import_puts_every_tensor_in_place_and_the_bundle_restores(released, tmp
     expected, got = nnx.to_pure_dict(all_trained(model)), nnx.to_pure_dict(all_trained(loaded.model))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), expected, got)
     lq = jax.random.uniform(jax.random.key(0), (1, 32, 32, 3), minval=-1, maxval=1)
-    np.testing.assert_array_equal(np.asarray(loaded.model(lq)), np.asarray(model(lq)))
+    key = jax.random.key(2)  # the posterior noise (the bundle samples its latent, as the authors' code)
+    np.testing.assert_array_equal(np.asarray(loaded.model(lq, key)), np.asarray(model(lq, key)))
+    official_inference = {k: v for k, v in PRESETS["official"]["dod"].items() if k != "mfm_size"}
+    assert {k: loaded.config.dod[k] for k in official_inference} == official_inference
+    assert dict(loaded.config.restore) == PRESETS["official"]["restore"]
 
     meta = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
     assert set(meta["provenance"]["imported_from"]) == {"stage1", "stage2", "adm", "prompts", "negative_prompts"}
@@ -137,7 +142,8 @@ def test_a_dod_jax_model_exports_as_the_same_function_in_the_literal_form(tmp_pa
                           "--out", str(tmp_path / "theirs")]) == 0
     lq = jax.random.uniform(jax.random.key(1), (1, 32, 32, 3), minval=-1, maxval=1)
     theirs = load_model(tmp_path / "theirs", dtype="float32")
-    np.testing.assert_allclose(np.asarray(theirs.model(lq)), np.asarray(model(lq)), atol=1e-5)
+    key = jax.random.key(2)
+    np.testing.assert_allclose(np.asarray(theirs.model(lq, key)), np.asarray(model(lq, key)), atol=1e-5)
 
 
 def rewrite(source, out, edit):

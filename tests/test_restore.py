@@ -15,6 +15,7 @@ from conftest import ROOT
 from dod_jax.configs import load_config
 from dod_jax.data.demo import demo_photos
 from dod_jax.dod.build import base_models, build_dod
+from dod_jax.dod.images import finish, prepare
 from dod_jax.dod.model import all_trained
 from dod_jax.restore import cli
 from dod_jax.restore.bundle import BundleError, load_model, save_bundle
@@ -137,8 +138,84 @@ def test_tiled_restore_is_close_to_the_whole_image(micro):
     whole = Restorer(model, RestoreSettings(min_side=64)).restore([image])[0]
     tiled = Restorer(model, RestoreSettings(tile=128, tile_overlap=64, tile_above=0, min_side=64))
     out = tiled.restore([image])[0]
-    assert tiled._decode._cache_size() == 1  # every tile one shape
+    assert tiled._decode_tile._cache_size() == 1  # every tile one shape
     assert psnr(out, whole) > 15.0
+
+
+# ----------------------------------------------------- the authors' inference switches
+
+def test_the_posterior_sample_is_drawn_from_the_seed_and_the_image_alone(micro):
+    """dod.latent 'sample' (the authors' code): without noise the model refuses to run; the
+    Restorer draws it from --seed and the image's pixels, so a seed gives one result whatever
+    the batch, and another seed another."""
+    _, model = micro
+    assert model.sample_latent
+    lq = jax.numpy.zeros((1, 32, 32, 3))
+    with pytest.raises(ValueError, match="dod.latent is 'sample'"):
+        model(lq)
+    photo = demo_photos()["coffee"].astype(np.float32) / 255
+    image, other = photo[:64, :96], photo[64:128, 96:192]
+    alone = Restorer(model, RestoreSettings(min_side=64, seed=3)).restore([image])[0]
+    batched = Restorer(model, RestoreSettings(min_side=64, seed=3, batch_size=2)).restore([other, image])[1]
+    np.testing.assert_allclose(batched, alone, atol=1e-5)  # a batch of 2 compiles another program
+    reseeded = Restorer(model, RestoreSettings(min_side=64, seed=4)).restore([image])[0]
+    assert np.abs(reseeded - alone).max() > 0.01
+
+
+def test_the_mfm_sees_the_unpadded_image_resized_bicubic_with_antialiasing(micro):
+    """The modulation comes from the unpadded image: padding to another bucket leaves it as it
+    is. The MFM's copy is jax's bicubic antialiased resize, which agrees with torch's
+    (F.interpolate bicubic, antialias=True) to 1e-3 (measured 4e-4 on a photo at 100x150 ->
+    32x32)."""
+    torch = pytest.importorskip("torch")
+    _, model = micro
+    photo = demo_photos()["chelsea"][:100, :150].astype(np.float32) / 255
+    seen = {}
+    for bucket in (8, 64):
+        restorer = Restorer(model, RestoreSettings(min_side=64, bucket=bucket))
+        film = restorer._film
+        restorer._film = lambda state, x, b=bucket: seen.setdefault(b, np.asarray(x)) is not None and film(state, x)
+        restorer.restore([photo])
+    np.testing.assert_array_equal(seen[8], seen[64])
+    copy = np.asarray(model.mfm_input(jax.numpy.asarray(photo[None] * 2 - 1)))
+    np.testing.assert_array_equal(seen[8], copy)
+    reference = torch.nn.functional.interpolate(torch.from_numpy(photo[None] * 2 - 1).permute(0, 3, 1, 2), (32, 32),
+                                                mode="bicubic", antialias=True, align_corners=False)
+    np.testing.assert_allclose(copy, reference.permute(0, 2, 3, 1).numpy(), atol=1e-3)
+
+
+def test_fit_resize_brings_sides_down_to_multiples_of_8_by_lanczos():
+    """fit='resize' (the runner of the authors' release): no padding, a Lanczos resize down to
+    multiples of 8, equal to Pillow's on the 8-bit image up to its rounding (8-bit Pillow rounds
+    and clips between its two passes: measured at most 3.4/255 apart, 0.3/255 on average); the
+    restoration comes back at the input's size."""
+    photo = demo_photos()["coffee"][:101, :150]
+    prepared = prepare(photo, min_side=64, fit="resize")
+    assert prepared.padded.shape == (96, 144, 3) and prepared.lifted == (96, 144)
+    pillow = np.asarray(Image.fromarray(photo).resize((144, 96), Image.Resampling.LANCZOS)) / 255.0
+    difference = np.abs(prepared.padded - pillow)
+    assert difference.max() < 4 / 255 and difference.mean() < 0.5 / 255
+    assert finish(prepared, prepared.padded).shape == photo.shape
+    padded = prepare(photo, min_side=64)  # the default: reflect padding, the pixels kept
+    assert padded.padded.shape == (104, 152, 3) and np.array_equal(padded.rgb, photo / np.float32(255))
+
+
+def test_latent_tiling_runs_the_vae_whole_and_the_unet_alone_in_tiles(micro):
+    """tiling='latent' (the authors'): one tile is the whole path; several tiles compile the
+    UNet once and the encoder and decoder once each for the whole image, and stay closer to the
+    whole image than pixel tiles, as only the UNet loses context."""
+    _, model = micro
+    image = demo_photos()["coffee"][:128, :256]
+    whole = Restorer(model, RestoreSettings(min_side=64)).restore([image])[0]
+    one_tile = Restorer(model, RestoreSettings(tiling="latent", tile=256, tile_overlap=64, tile_above=0, min_side=64))
+    np.testing.assert_array_less(np.abs(one_tile.restore([image])[0].astype(int) - whole), 2)
+    settings = dict(tile=128, tile_overlap=64, tile_above=0, min_side=64)
+    latent = Restorer(model, RestoreSettings(tiling="latent", **settings))
+    out = latent.restore([image])[0]
+    assert latent._latent._cache_size() == 1 and latent._encode_with_skips._cache_size() == 1
+    assert latent._decode_whole._cache_size() == 1 and latent._decode_tile._cache_size() == 0
+    pixel = Restorer(model, RestoreSettings(tiling="pixel", **settings)).restore([image])[0]
+    assert psnr(out, whole) > psnr(pixel, whole)
 
 
 # ------------------------------------------------------------------------------ bundles
@@ -222,3 +299,19 @@ def test_restore_command_writes_every_readable_image_and_reports_the_rest(micro,
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["alpha.png", "grey.jpg", "restore_log.json",
                                                                       "rgb.png"]
     assert "restored 3 of 4 images" in capsys.readouterr().out
+
+
+def test_the_official_preset_sets_the_authors_inference_and_flags_still_win(micro, tmp_path):
+    config, model = micro
+    bundle = save_bundle(model, config, "stage2", tmp_path / "bundle")
+    Image.fromarray(demo_photos()["chelsea"][:100, :150]).save(tmp_path / "photo.png")
+    out = tmp_path / "out"
+    assert cli.main([str(tmp_path / "photo.png"), "--output", str(out), "--ckpt", str(bundle), "--min-side", "64",
+                     "--preset", "official", "--tiling", "pixel", "--seed", "5"]) == 0
+    settings = json.loads((out / cli.LOG_FILE).read_text())["settings"]
+    assert settings["preset"] == "official"
+    assert (settings["fit"], settings["bucket"], settings["latent"], settings["mfm_resize"]) == (
+        "resize", 8, "sample", "bicubic")
+    assert (settings["tiling"], settings["min_side"], settings["seed"], settings["mfm_size"]) == ("pixel", 64, 5, 256)
+    with Image.open(out / "photo.png") as im:
+        assert im.size == (150, 100)

@@ -7,9 +7,11 @@ Rules:
 - Channels: (H, W) and (H, W, 1) grey images are restored as RGB with equal channels and come
   back grey (mean of the restored channels); (H, W, 4) keeps its alpha channel untouched and
   restores RGB; (H, W, 3) is RGB. Other channel counts are refused.
-- Size: a short side below `min_side` is first lifted to `min_side` (bicubic, aspect kept), as
-  the authors' code does; then the image is reflect-padded to multiples of 8, restored,
-  cropped, and resized back to its own size.
+- Size: a short side below `min_side` is first lifted to `min_side` (aspect kept), as the
+  authors' code does. Then, by `fit`: 'pad' reflect-pads the sides to multiples of 8 (lifting
+  bicubic); 'resize' resizes them down to multiples of 8 (lifting and resizing by Lanczos, as
+  the runner of the authors' released model). Either way the result may be reflect-padded
+  further to a bucket multiple, is restored, cropped, and resized back to the input's size.
 """
 
 from __future__ import annotations
@@ -59,26 +61,35 @@ def from_unit_rgb(rgb: np.ndarray, alpha: np.ndarray | None, like: np.ndarray) -
     return out.astype(like.dtype)
 
 
+FITS = {"pad": "bicubic", "resize": "lanczos"}  # how sides become multiples of 8 -> the resampler it uses
+
+
 @dataclasses.dataclass
 class Prepared:
     """An image ready for the model: `padded` (H', W', 3) in [0, 1], sides multiples of the
     padding multiple; what `finish` needs to give the restoration the input's own form."""
     padded: np.ndarray
-    lifted: tuple[int, int]        # size after lifting the short side, before padding
+    lifted: tuple[int, int]        # size after lifting (and resizing), before padding
     alpha: np.ndarray | None
     original: np.ndarray           # the input, for its size, layout and dtype
+    resampler: str = "bicubic"
 
     @property
     def rgb(self) -> np.ndarray:
-        """The input as [0, 1] RGB at the lifted size (what colour fixes match against)."""
+        """The input as [0, 1] RGB at the lifted size, unpadded (what the MFM sees and colour
+        fixes match against)."""
         return self.padded[:self.lifted[0], :self.lifted[1]]
 
 
-def prepare(image: np.ndarray, *, min_side: int = 256, multiple: int = MULTIPLE) -> Prepared:
-    """Lift a short side below `min_side` (bicubic, aspect kept) and reflect-pad to multiples
-    of `multiple` (8, or a larger bucket so that nearby sizes share one compiled shape)."""
+def prepare(image: np.ndarray, *, min_side: int = 256, multiple: int = MULTIPLE, fit: str = "pad") -> Prepared:
+    """Lift a short side below `min_side` (aspect kept), bring the sides to multiples of 8 by
+    `fit` ('pad' or 'resize'), and reflect-pad to multiples of `multiple` (8, or a larger
+    bucket so that nearby sizes share one compiled shape)."""
     if multiple % MULTIPLE:
         raise ValueError(f"the padding multiple must be a multiple of {MULTIPLE}, got {multiple}")
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {sorted(FITS)}, got {fit!r}")
+    resampler = FITS[fit]
     rgb, alpha = to_unit_rgb(image)
     h, w = rgb.shape[:2]
     short = min(h, w)
@@ -86,10 +97,12 @@ def prepare(image: np.ndarray, *, min_side: int = 256, multiple: int = MULTIPLE)
         if min_side < MULTIPLE:
             raise ValueError(f"image of {h}x{w} is smaller than {MULTIPLE} pixels on a side; set min_side to lift it")
         scale = min_side / short
-        rgb = resize_float(rgb, (max(min_side, round(h * scale)), max(min_side, round(w * scale))))
+        rgb = resize_float(rgb, (max(min_side, round(h * scale)), max(min_side, round(w * scale))), resampler)
+    if fit == "resize":
+        rgb = resize_float(rgb, (rgb.shape[0] // MULTIPLE * MULTIPLE, rgb.shape[1] // MULTIPLE * MULTIPLE), resampler)
     lh, lw = rgb.shape[:2]
     padded = np.pad(rgb, ((0, -lh % multiple), (0, -lw % multiple), (0, 0)), mode="reflect")
-    return Prepared(padded, (lh, lw), alpha, np.asarray(image))
+    return Prepared(padded, (lh, lw), alpha, np.asarray(image), resampler)
 
 
 def finish(prepared: Prepared, restored: np.ndarray) -> np.ndarray:
@@ -97,8 +110,8 @@ def finish(prepared: Prepared, restored: np.ndarray) -> np.ndarray:
     and in the input's layout and dtype."""
     lh, lw = prepared.lifted
     h, w = prepared.original.shape[:2]
-    return from_unit_rgb(resize_float(np.clip(restored[:lh, :lw], 0.0, 1.0), (h, w)), prepared.alpha,
-                         prepared.original)
+    back = resize_float(np.clip(restored[:lh, :lw], 0.0, 1.0), (h, w), prepared.resampler)
+    return from_unit_rgb(back, prepared.alpha, prepared.original)
 
 
 def restore_image(restore: Callable[[np.ndarray], np.ndarray], image: np.ndarray, *, min_side: int = 256) -> np.ndarray:

@@ -25,6 +25,7 @@ from dod_jax.dod.hde import HDE
 from dod_jax.dod.modulator import UNET_GROUPS, Modulator, unet_block_group
 from dod_jax.errors import ConfigError
 from dod_jax.models.adm import ADMEncoder
+from dod_jax.models.layers import normal_per_sample
 from dod_jax.models.unet import UNet2DCondition
 from dod_jax.models.vae import AutoencoderKL
 from dod_jax.schedule import DDPMSchedule
@@ -36,8 +37,13 @@ class PromptEmbedding(nnx.Variable):
     """A fixed text embedding: part of the model's state, never trained."""
 
 
-def resize_bilinear(images, size: tuple[int, int]):
-    return jax.image.resize(images, images.shape[:1] + tuple(size) + images.shape[3:], "bilinear", antialias=True)
+LATENTS = ("sample", "mode")
+MFM_RESIZES = ("bicubic", "bilinear")
+
+
+def resize_images(images, size: tuple[int, int], method: str):
+    """NHWC images resized (antialiased when shrinking) to `size` by `method` (bicubic or bilinear)."""
+    return jax.image.resize(images, images.shape[:1] + tuple(size) + images.shape[3:], method, antialias=True)
 
 
 class DOD(nnx.Module):
@@ -49,7 +55,13 @@ class DOD(nnx.Module):
         self.unet, self.vae, self.adm = unet, vae, adm
         self.schedule = nnx.data(schedule)
         self.prompt_embedding = PromptEmbedding(jnp.asarray(prompt_embedding, jnp.float32))
-        self.timestep, self.mfm_size, self.sample_latent = cfg.timestep, cfg.mfm_size, cfg.latent == "sample"
+        if cfg.latent not in LATENTS:
+            raise ConfigError(f"dod.latent must be one of {LATENTS}, got {cfg.latent!r}")
+        mfm_resize = cfg.get("mfm_resize", "bilinear")  # configs saved before the switch resized bilinearly
+        if mfm_resize not in MFM_RESIZES:
+            raise ConfigError(f"dod.mfm_resize must be one of {MFM_RESIZES}, got {mfm_resize!r}")
+        self.timestep, self.sample_latent = cfg.timestep, cfg.latent == "sample"
+        self.mfm_size, self.mfm_resize = cfg.mfm_size, mfm_resize
 
         unet_paths = [p for p, _ in adapters.layers(unet) if adapters.matches(p, cfg.unet_targets)]
         if cfg.prompts == "group":
@@ -80,21 +92,45 @@ class DOD(nnx.Module):
 
     # ------------------------------------------------------------------------------ pieces
 
+    def mfm_input(self, lq):
+        """What the MFM sees of the (unpadded) LQ images: a copy resized to mfm_size x mfm_size by
+        mfm_resize, or with mfm_size 0 the images themselves (full resolution)."""
+        if not self.mfm_size or lq.shape[1:3] == (self.mfm_size, self.mfm_size):
+            return lq
+        return resize_images(lq, (self.mfm_size, self.mfm_size), self.mfm_resize)
+
     def degradation_feature(self, lq):
-        """MFM: c of shape (B, 1024), from a resized copy of the LQ when mfm_size is set."""
-        if self.mfm_size:
-            lq = resize_bilinear(lq, (self.mfm_size, self.mfm_size))
-        return jax.lax.stop_gradient(self.adm.features(lq))
+        """MFM: c of shape (B, 1024) from `mfm_input(lq)`."""
+        return jax.lax.stop_gradient(self.adm.features(self.mfm_input(lq)))
 
     def film(self, lq):
         """M_theta's output for the LQ images, or None when CLoRA is off."""
         return self.modulator(self.degradation_feature(lq)) if self.conditional else None
 
-    def encode(self, lq, film, key=None):
-        """z (scaled latent) and the encoder's skip features, through the encoder LoRA."""
+    def latent_noise(self, keys, lq_shape):
+        """The posterior noise for LQ images of `lq_shape` (B, H, W, 3): one key, or one key per
+        image (then image i's noise depends on keys[i] alone)."""
+        b, h, w, _ = lq_shape
+        scale = self.vae.config.downscale
+        return normal_per_sample(keys, (b, h // scale, w // scale, self.vae.config.latent_channels))
+
+    def encoder(self, lq, film):
+        """The VAE encoder through its LoRA: (posterior, skip features)."""
         with adapters.select(GENERATOR, film):
-            posterior, skips = self.vae.encode(lq, return_skips=True)
-        z = posterior.sample(key) if (self.sample_latent and key is not None) else posterior.mode()
+            return self.vae.encode(lq, return_skips=True)
+
+    def encode(self, lq, film, noise=None):
+        """z (scaled latent) and the encoder's skip features, through the encoder LoRA. With
+        dod.latent 'sample' (the authors' code) z is the posterior mean + std * `noise`, and
+        the noise must be given (latent_noise draws it); with 'mode' z is the mean."""
+        posterior, skips = self.encoder(lq, film)
+        if self.sample_latent:
+            if noise is None:
+                raise ValueError("dod.latent is 'sample' (the posterior sample, as the authors' code): pass the "
+                                 "posterior noise (DOD.latent_noise) or a key, or set dod.latent='mode'")
+            z = posterior.mean + posterior.std * noise.astype(posterior.mean.dtype)
+        else:
+            z = posterior.mode()
         return z * self.vae.config.scaling_factor, skips
 
     def generate_latent(self, z, film):
@@ -118,20 +154,25 @@ class DOD(nnx.Module):
 
     def __call__(self, lq, key=None, use_hde: bool = True):
         """Restore NHWC images in [-1, 1] (sides multiples of 8) -> float32 images in [-1, 1]
-        (not clipped). `key` samples the latent from the posterior (training, as the authors'
-        code); without it the posterior mode is used. `use_hde=False` decodes without DEMs
-        (stage 1 trains and evaluates the decoder untouched)."""
+        (not clipped). `key` (one, or one per image) draws the posterior sample that dod.latent
+        'sample' needs; 'mode' ignores it. `use_hde=False` decodes without DEMs (stage 1 trains
+        and evaluates the decoder untouched)."""
+        noise = self.latent_noise(key, lq.shape) if (self.sample_latent and key is not None) else None
+        return self.restore(lq, self.film(lq), noise, use_hde)
+
+    def restore(self, lq, film, noise=None, use_hde: bool = True):
+        """As __call__, with M_theta's output `film` computed by the caller (restore computes it
+        from the unpadded image) and the posterior `noise` given."""
         _check_size(lq.shape)
-        film = self.film(lq)
-        z, skips = self.encode(lq, film, key)
+        z, skips = self.encode(lq, film, noise)
         return self.decode(self.generate_latent(z, film), skips, use_hde)
 
-    def merge_generator(self, lq):
-        """Fold the generator's adapters into the base weights for the single image `lq`
-        (batch 1); afterwards the model restores that image without adapter branches."""
-        if lq.shape[0] != 1:
-            raise ValueError(f"merging CLoRA is per image: batch must be 1, got {lq.shape[0]}")
-        film = self.film(lq)
+    def merge_generator(self, film):
+        """Fold the generator's adapters into the base weights for one image's modulation `film`
+        (M_theta's output for a batch of 1; None when CLoRA is off); afterwards the model
+        restores that image without adapter branches."""
+        if film is not None and film.shape[1] != 1:
+            raise ValueError(f"merging CLoRA is per image: batch must be 1, got {film.shape[1]}")
         folded = adapters.merge(self.unet, GENERATOR, film) + adapters.merge(self.vae, GENERATOR, film)
         self.conditional = False  # the modulation is in the weights now: restoring skips MFM and M_theta
         return folded

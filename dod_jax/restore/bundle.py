@@ -79,11 +79,13 @@ def save_bundle(model: DOD, config, stage: str, out: str | os.PathLike, *,
     return out
 
 
-def load_model(path: str | os.PathLike, *, dtype: str = "auto", base: dict[str, str] | None = None) -> Loaded:
+def load_model(path: str | os.PathLike, *, dtype: str = "auto", base: dict[str, str] | None = None,
+               dod: dict | None = None) -> Loaded:
     """DOD with trained parameters from `path`: a bundle folder, a training run's workdir, its
     checkpoints folder, or one step's folder. `dtype`: float32, bfloat16, or auto (bfloat16 on
     accelerators, float32 on CPU). `base`: {'sd'|'adm'|'prompts': path} overriding where the
-    base weights are."""
+    base weights are. `dod`: entries of the config's dod section to run the model with
+    instead (how it restores, e.g. a preset's MFM input; not what the weights are)."""
     path = Path(path).resolve()
     if not path.exists():
         raise BundleError(f"{path}: no such bundle or checkpoint")
@@ -100,6 +102,7 @@ def load_model(path: str | os.PathLike, *, dtype: str = "auto", base: dict[str, 
         if value:
             config.base[key] = str(value)
     _check_base(config, meta["base"], path)
+    config.dod.update(dod or {})
     if dtype == "auto":
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     model = build_dod(config, base_models(config, dtype=dtype), config.train.seed)

@@ -29,7 +29,8 @@ from dod_jax.errors import InputError, reported
 from dod_jax.files import atomic_write
 from dod_jax.restore.bundle import Loaded, load_model
 from dod_jax.restore.color import COLOR_FIXES
-from dod_jax.restore.engine import Restorer, RestoreSettings
+from dod_jax.dod.images import FITS
+from dod_jax.restore.engine import PRESETS, TILINGS, Restorer, RestoreSettings
 
 LOG_FILE = "restore_log.json"
 
@@ -144,22 +145,38 @@ def add_settings_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--color-fix", choices=sorted(COLOR_FIXES), help=model_default.format("color_fix",
                                                                                              defaults.color_fix))
     parser.add_argument("--min-side", type=int, help=model_default.format("min_side", defaults.min_side))
+    parser.add_argument("--fit", choices=sorted(FITS), help="sides to multiples of 8: pad (reflect) or resize "
+                        "(Lanczos, down, as the authors' runner); " + model_default.format("fit", defaults.fit))
+    parser.add_argument("--tiling", choices=TILINGS, help="large images: pixel tiles through VAE and UNet, or "
+                        "latent tiles of the UNet alone (the authors'); " + model_default.format("tiling", defaults.tiling))
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="the posterior noise when the model samples its latent (dod.latent 'sample')")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="official: the authors' inference (Lanczos resize to multiples of 8, latent tiling of "
+                             "the UNet, the MFM on a bicubic 256 x 256 copy, a posterior sample); the flags above "
+                             "still take precedence")
+
+
+SETTING_FLAGS = ("bucket", "tile", "tile_overlap", "tile_above", "color_fix", "min_side", "fit", "tiling")
 
 
 def settings_from(args, config) -> RestoreSettings:
-    """The model config's restore settings, with what the command line sets taking precedence."""
-    given = {k: getattr(args, k) for k in ("bucket", "tile", "tile_overlap", "tile_above", "color_fix", "min_side")}
-    return RestoreSettings.from_config(config, batch_size=args.batch_size,
-                                       **{k: v for k, v in given.items() if v is not None})
+    """The model config's restore settings, then the preset's, then what the command line sets."""
+    given = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None}
+    preset = PRESETS[args.preset]["restore"] if args.preset else {}
+    return RestoreSettings.from_config(config, batch_size=args.batch_size, seed=args.seed, **{**preset, **given})
 
 
 def restorer_from(args) -> tuple[Restorer, dict, Loaded]:
     """The Restorer the arguments describe, a record of its settings for logs, and the loaded
     model with its config."""
-    loaded = load_model(args.ckpt, dtype=args.dtype, base={"sd": args.sd, "adm": args.adm, "prompts": args.prompts})
+    loaded = load_model(args.ckpt, dtype=args.dtype, base={"sd": args.sd, "adm": args.adm, "prompts": args.prompts},
+                        dod=PRESETS[args.preset]["dod"] if args.preset else None)
     restorer = Restorer(loaded.model, settings_from(args, loaded.config), use_hde=loaded.use_hde)
+    dod = loaded.config.dod
     settings = {"ckpt": loaded.source, "stage": loaded.stage, "dtype": jnp.dtype(loaded.model.unet.dtype).name,
-                "device": str(jax.devices()[0]), **vars(restorer.settings)}
+                "device": str(jax.devices()[0]), "preset": args.preset, **vars(restorer.settings),
+                "latent": dod.latent, "mfm_size": dod.mfm_size, "mfm_resize": loaded.model.mfm_resize}
     return restorer, settings, loaded
 
 

@@ -1,28 +1,38 @@
 """DOD restoring images of any size, with compiled shapes reused.
 
-Each image is lifted to a minimum short side and reflect-padded to a multiple of `bucket`
-(dod_jax.dod.images.prepare), so images of nearby sizes share one compiled shape. Images at or
-below `tile_above` padded pixels are restored whole, in batches of `batch_size` images of one
-shape (a short batch is filled with repeats, so it reuses the compiled batch). Larger images
-are restored in tiles of `tile` pixels that overlap by `tile_overlap`:
+Each image is lifted to a minimum short side, brought to multiples of 8 (reflect padding, or
+with `fit='resize'` a Lanczos resize down, as the runner of the authors' released model) and
+reflect-padded to a multiple of `bucket` (dod_jax.dod.images.prepare), so images of nearby sizes
+share one compiled shape. Per image, before the model runs:
 
-1. M_theta's modulation from the whole image: the MFM resizes it to dod.mfm_size, or with
-   mfm_size 0 (full resolution) its features c are averaged over the tiles, so that the ADM
-   sees pixels at the scale of training crops and no full-size activations are held;
-2. the VAE encoder on each pixel tile; the latents are blended with Gaussian weights;
-3. the UNet step on each latent tile, x0 blended the same way;
-4. the decoder on each latent tile, its DEMs fed by the encoder skips of the same pixel
-   tile (encoded again, so no full-size skip maps are held), the pixels blended.
+- M_theta's modulation from the unpadded image (the MFM never sees padding): a copy resized
+  to dod.mfm_size (one compiled shape), or with mfm_size 0 the image at full resolution
+  (restored whole) or its ADM features c averaged over tiles inside the unpadded image (tiled);
+- the posterior noise (dod.latent 'sample', as the authors' code) from `seed` and the image's
+  content, so one image gets one noise whatever its batch, order or tiling.
 
-Every tile has one shape, so a 4K photo compiles the three tile functions once and holds only
-one tile's activations at a time. The colour fix (none / adain / wavelet) matches the
-restoration to the input at the end.
+Images at or below `tile_above` padded pixels are restored whole, in batches of `batch_size`
+images of one shape (a short batch is filled with repeats, so it reuses the compiled batch).
+Larger images are restored in tiles, by `tiling`:
+
+- 'pixel': pixel tiles of `tile` pixels overlapping by `tile_overlap`; the VAE encoder on each
+  pixel tile, latents blended with Gaussian weights; the UNet step on each latent tile, x0
+  blended the same way; the decoder on each latent tile, its DEMs fed by the encoder skips of
+  the same pixel tile (encoded again, so no full-size skip maps are held), the pixels blended.
+  Every tile has one shape, so a 4K photo compiles the tile functions once and holds only one
+  tile's activations at a time.
+- 'latent' (the authors' code): the VAE runs whole, the UNet alone on latent tiles of
+  tile / 8 latents overlapping by tile_overlap / 8, blended with Gaussian weights in float32.
+
+The colour fix (none / adain / wavelet) matches the restoration to the input at the end.
+PRESETS name sets of settings; 'official' is the authors' inference in one word.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import zlib
 from typing import Callable, Iterable
 
 import jax
@@ -30,11 +40,27 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dod_jax.dod.images import MULTIPLE, Prepared, finish, prepare
+from dod_jax.dod.images import FITS, MULTIPLE, Prepared, finish, prepare
 from dod_jax.dod.model import DOD
 from dod_jax.errors import ConfigError
 from dod_jax.restore.color import COLOR_FIXES
 from dod_jax.restore.tiles import blend, starts
+
+TILINGS = ("pixel", "latent")
+
+# The authors' inference (REFERENCE.md, "Inference in the authors' code"): `restore` overrides
+# RestoreSettings, `dod` the model's config. Sides resized (Lanczos) down to multiples of 8 and
+# not padded; the UNet alone tiled in latent tiles of 96 overlapping by 32 (OSEDiff's defaults,
+# the code DOD's is built on) above 96 x 96 latents; the MFM on a bicubic, antialiased 256 x 256
+# copy; the latent a posterior sample.
+PRESETS = {
+    "official": {
+        "restore": {"fit": "resize", "bucket": MULTIPLE, "tiling": "latent", "tile": 768, "tile_overlap": 256,
+                    "tile_above": 768 * 768, "min_side": 256, "color_fix": "none"},
+        "dod": {"mfm_size": 256, "mfm_resize": "bicubic", "latent": "sample"},
+    },
+}
+
 
 @dataclasses.dataclass
 class RestoreSettings:
@@ -44,7 +70,10 @@ class RestoreSettings:
     tile_overlap: int = 64         # pixels (a multiple of 8)
     tile_above: int = 1024 * 1024  # padded pixels above which an image is restored in tiles; 0 = always
     color_fix: str = "none"        # none | adain | wavelet
-    min_side: int = 256            # shorter sides are lifted to this first (bicubic), as the authors' code
+    min_side: int = 256            # shorter sides are lifted to this first, as the authors' code
+    fit: str = "pad"               # sides to multiples of 8: pad (reflect) | resize (Lanczos, down)
+    tiling: str = "pixel"          # pixel (VAE and UNet in pixel tiles) | latent (the UNet alone, as the authors)
+    seed: int = 0                  # the posterior noise of dod.latent 'sample'
 
     @classmethod
     def from_config(cls, config, **overrides) -> "RestoreSettings":
@@ -60,6 +89,10 @@ class RestoreSettings:
     def check(self):
         if self.color_fix not in COLOR_FIXES:
             raise ConfigError(f"color_fix must be one of {sorted(COLOR_FIXES)}, got {self.color_fix!r}")
+        if self.fit not in FITS:
+            raise ConfigError(f"fit must be one of {sorted(FITS)}, got {self.fit!r}")
+        if self.tiling not in TILINGS:
+            raise ConfigError(f"tiling must be one of {TILINGS}, got {self.tiling!r}")
         for name in ("bucket", "tile", "tile_overlap"):
             if getattr(self, name) % MULTIPLE:
                 raise ConfigError(f"{name} must be a multiple of {MULTIPLE}, got {getattr(self, name)}")
@@ -67,6 +100,11 @@ class RestoreSettings:
             raise ConfigError(f"tile_overlap must be in [0, tile), got {self.tile_overlap} with tile {self.tile}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+def content_seed(image: np.ndarray) -> int:
+    """A number drawn from an image's pixels: its posterior noise is folded from it."""
+    return zlib.crc32(np.ascontiguousarray(image).tobytes()) & 0x7FFFFFFF
 
 
 class Restorer:
@@ -82,49 +120,70 @@ class Restorer:
         self.status = status
         self._compiled: set[tuple] = set()
         self.mfm_size, self.use_hde, self.conditional = model.mfm_size, use_hde, model.conditional
-        self.latent_scale = 2 ** (len(model.vae.config.block_out_channels) - 1)  # pixels per latent
+        self.sample_latent = model.sample_latent
+        self.mfm_input = model.mfm_input  # the resize runs eagerly: its input's shape varies per image
+        self.latent_scale = model.vae.config.downscale  # pixels per latent
+        self.latent_channels = model.vae.config.latent_channels
         graphdef, self.state = nnx.split(model)
         dod = lambda state: nnx.merge(graphdef, state)
+        seed = self.settings.seed
 
-        def decode(state, lq, x0, film):
+        def noise(m, lq, seeds):
+            if not m.sample_latent:
+                return None
+            return m.latent_noise(jax.vmap(lambda s: jax.random.fold_in(jax.random.key(seed), s))(seeds), lq.shape)
+
+        def whole(state, lq, film, seeds):
             m = dod(state)
-            skips = m.encode(lq, film)[1] if (use_hde and m.hde is not None) else None
+            return m.restore(lq, film, noise(m, lq, seeds), use_hde)
+
+        def merged(state, lq, seeds):
+            m = dod(state)
+            m.merge_generator(m.film(lq))
+            return m.restore(lq, None, noise(m, lq, seeds), use_hde)
+
+        def decode_tile(state, lq, x0, film):
+            m = dod(state)
+            skips = m.encoder(lq, film)[1] if (use_hde and m.hde is not None) else None
             return m.decode(x0, skips, use_hde)
 
-        def merged(state, lq):
-            m = dod(state)
-            m.merge_generator(lq)
-            return m(lq, use_hde=use_hde)
+        def decode_whole(state, x0, skips):
+            return dod(state).decode(x0, skips, use_hde)
 
-        self._whole = jax.jit(lambda state, lq: dod(state)(lq, use_hde=use_hde))
+        self._whole = jax.jit(whole)
         self._merged = jax.jit(merged)
-        self._film = jax.jit(lambda state, lq: dod(state).film(lq))
+        self._film = jax.jit(lambda state, mfm_input: dod(state).film(mfm_input))
         self._feature = jax.jit(lambda state, lq: dod(state).degradation_feature(lq))
         self._modulate = jax.jit(lambda state, c: dod(state).modulator(c))
-        self._encode = jax.jit(lambda state, lq, film: dod(state).encode(lq, film)[0])
+        self._encode = jax.jit(lambda state, lq, film, noise: dod(state).encode(lq, film, noise)[0])
+        self._encode_with_skips = jax.jit(lambda state, lq, film, noise: dod(state).encode(lq, film, noise))
         self._latent = jax.jit(lambda state, z, film: dod(state).generate_latent(z, film))
-        self._decode = jax.jit(decode)
+        self._decode_tile = jax.jit(decode_tile)
+        self._decode_whole = jax.jit(decode_whole)
 
     # ------------------------------------------------------------------------------ public
 
     def restore(self, images: Iterable[np.ndarray]) -> list[np.ndarray]:
         """The restorations, each in its input's size, layout and dtype."""
         s = self.settings
-        prepared = [prepare(image, min_side=s.min_side, multiple=s.bucket) for image in images]
+        prepared = [prepare(image, min_side=s.min_side, multiple=s.bucket, fit=s.fit) for image in images]
         restored: list[np.ndarray | None] = [None] * len(prepared)
         whole: dict[tuple[int, int], list[int]] = {}
         for i, p in enumerate(prepared):
             if self.tiled(p.padded.shape[:2]):
-                restored[i] = self._restore_tiled(p.padded)
+                restored[i] = self._restore_tiled(p)
             else:
                 whole.setdefault(p.padded.shape[:2], []).append(i)
         for indices in whole.values():
             for start in range(0, len(indices), s.batch_size):
                 chunk = indices[start:start + s.batch_size]
-                batch = np.stack([prepared[i].padded for i in chunk])
-                filled = np.concatenate([batch, np.repeat(batch[-1:], s.batch_size - len(chunk), 0)])
-                lq = jnp.asarray(filled * 2.0 - 1.0)
-                out = np.asarray(self._compiling(self._whole, "restore step", self.state, lq), np.float32)
+                filled = chunk + [chunk[-1]] * (s.batch_size - len(chunk))
+                lq = jnp.asarray(np.stack([prepared[i].padded for i in filled]) * 2.0 - 1.0)
+                films = [self._film_of(prepared[i]) for i in chunk]
+                film = None if films[0] is None else jnp.concatenate(
+                    films + films[-1:] * (len(filled) - len(chunk)), axis=1)  # (prompts, batch, 2r)
+                seeds = jnp.asarray([content_seed(prepared[i].padded) for i in filled], jnp.uint32)
+                out = np.asarray(self._compiling(self._whole, "restore step", self.state, lq, film, seeds), np.float32)
                 for j, i in enumerate(chunk):
                     restored[i] = (out[j] + 1.0) / 2.0
         return [self._finish(p, r) for p, r in zip(prepared, restored)]
@@ -144,20 +203,52 @@ class Restorer:
     def tiled(self, padded_size: tuple[int, int]) -> bool:
         return padded_size[0] * padded_size[1] > self.settings.tile_above
 
+    def _film_of(self, prepared: Prepared):
+        """M_theta's output (prompts, 1, 2r) for one image, from its unpadded pixels; None when
+        CLoRA is off."""
+        if not self.conditional:
+            return None
+        unpadded = jnp.asarray(prepared.rgb[None] * 2.0 - 1.0)
+        if self.mfm_size:
+            return self._compiling(self._film, "modulation", self.state, self.mfm_input(unpadded))
+        if not self.tiled(prepared.padded.shape[:2]):
+            return self._compiling(self._film, "modulation", self.state, unpadded)
+        # Full resolution on a large image: c averaged over tiles inside the unpadded image.
+        (h, w), tile = prepared.lifted, self.settings.tile
+        th, tw = min(tile, h), min(tile, w)
+        overlap = min(self.settings.tile_overlap, th - 1, tw - 1)
+        features = [self._compiling(self._feature, "MFM tile", self.state, unpadded[:, y:y + th, x:x + tw])
+                    for y in starts(h, th, overlap) for x in starts(w, tw, overlap)]
+        return self._compiling(self._modulate, "modulation", self.state, jnp.mean(jnp.stack(features), axis=0))
+
+    def _noise_of(self, prepared: Prepared):
+        """The posterior noise (H'/8, W'/8, C) of one padded image, as the whole path draws it;
+        None for dod.latent 'mode'."""
+        if not self.sample_latent:
+            return None
+        h, w = (n // self.latent_scale for n in prepared.padded.shape[:2])
+        key = jax.random.fold_in(jax.random.key(self.settings.seed), content_seed(prepared.padded))
+        return np.asarray(jax.random.normal(key, (h, w, self.latent_channels)))
+
     def time(self, size: int = 512, batch: int = 1, runs: int = 10, warmup: int = 2, merged: bool = False) -> dict:
         """Latency of the whole-image path on random images of size x size (after `warmup`
         compiled calls): seconds per batch and per image, images per second. `merged` folds
         CLoRA into the weights inside the timed call (batch 1, as per-image merging needs)."""
         if merged and batch != 1:
             raise ValueError("merged CLoRA restores one image per call: batch must be 1")
-        fn = self._merged if merged else self._whole
         lq = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)), jnp.float32)
+        seeds = jnp.arange(batch, dtype=jnp.uint32)
+        if merged:
+            call = lambda: self._merged(self.state, lq, seeds)
+        else:
+            film = self._film(self.state, lq) if self.conditional else None
+            call = lambda: self._whole(self.state, lq, film, seeds)
         for _ in range(warmup):
-            jax.block_until_ready(fn(self.state, lq))
+            jax.block_until_ready(call())
         seconds = []
         for _ in range(runs):
             start = time.perf_counter()
-            jax.block_until_ready(fn(self.state, lq))
+            jax.block_until_ready(call())
             seconds.append(time.perf_counter() - start)
         per_batch = float(np.median(seconds))
         return {"size": size, "batch": batch, "merged_clora": merged, "runs": runs, "warmup": warmup,
@@ -167,34 +258,39 @@ class Restorer:
 
     # ------------------------------------------------------------------------------ tiles
 
-    def _restore_tiled(self, padded: np.ndarray) -> np.ndarray:
-        """(H, W, 3) in [0, 1], H and W multiples of 8 -> the restoration in [0, 1]."""
+    def _restore_tiled(self, prepared: Prepared) -> np.ndarray:
+        """One large image in tiles (by settings.tiling) -> its restoration (H', W', 3) in [0, 1]."""
         s = self.settings
+        padded = prepared.padded
         h, w = padded.shape[:2]
         lq = padded * 2.0 - 1.0
         scale = self.latent_scale
         size = (h // scale, w // scale)
         tile = (min(s.tile, h) // scale, min(s.tile, w) // scale)
         overlap = min(s.tile_overlap // scale, min(tile) - 1)
+        film, noise = self._film_of(prepared), self._noise_of(prepared)
+
+        def latent_tile(array, y, x):
+            return None if array is None else jnp.asarray(array[None, y:y + tile[0], x:x + tile[1]])
+
+        if s.tiling == "latent":  # the VAE whole, the UNet alone in latent tiles
+            z, skips = self._compiling(self._encode_with_skips, "encoder", self.state, jnp.asarray(lq[None]), film,
+                                       None if noise is None else jnp.asarray(noise[None]))
+            z = np.asarray(z[0], np.float32)
+            x0 = blend(lambda y, x: self._compiling(self._latent, "UNet tile", self.state, latent_tile(z, y, x),
+                                                    film)[0], size, tile, overlap)
+            out = np.asarray(self._compiling(self._decode_whole, "decoder", self.state, jnp.asarray(x0[None]),
+                                             skips)[0], np.float32)
+            return (out + 1.0) / 2.0
 
         def pixels(y, x):
             return jnp.asarray(lq[None, y * scale:(y + tile[0]) * scale, x * scale:(x + tile[1]) * scale])
 
-        if self.mfm_size or not self.conditional:  # the MFM resizes the whole image itself
-            film = self._compiling(self._film, "modulation", self.state, jnp.asarray(lq[None]))
-        else:  # full resolution, as the MFM saw training crops: c averaged over the tiles
-            features = [self._compiling(self._feature, "MFM tile", self.state, pixels(y, x))
-                        for y in starts(size[0], tile[0], overlap) for x in starts(size[1], tile[1], overlap)]
-            film = self._compiling(self._modulate, "modulation", self.state, jnp.mean(jnp.stack(features), axis=0))
-
-        def latent_tile(array, y, x):
-            return jnp.asarray(array[None, y:y + tile[0], x:x + tile[1]])
-
-        z = blend(lambda y, x: self._compiling(self._encode, "encoder tile", self.state, pixels(y, x), film)[0],
-                  size, tile, overlap)
+        z = blend(lambda y, x: self._compiling(self._encode, "encoder tile", self.state, pixels(y, x), film,
+                                               latent_tile(noise, y, x))[0], size, tile, overlap)
         x0 = blend(lambda y, x: self._compiling(self._latent, "UNet tile", self.state, latent_tile(z, y, x), film)[0],
                    size, tile, overlap)
-        out = blend(lambda y, x: self._compiling(self._decode, "decoder tile", self.state, pixels(y, x),
+        out = blend(lambda y, x: self._compiling(self._decode_tile, "decoder tile", self.state, pixels(y, x),
                                                  latent_tile(x0, y, x), film)[0],
                     size, tile, overlap, scale=scale)
         return (out + 1.0) / 2.0

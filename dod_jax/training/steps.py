@@ -135,7 +135,7 @@ class Stage:
         pairs = jax.vmap(jax.random.split)(keys)
         latent_keys, dmd_keys = pairs[:, 0], pairs[:, 1]
         film = model.film(lq)
-        z, skips = model.encode(lq, film, latent_keys)
+        z, skips = model.encode(lq, film, model.latent_noise(latent_keys, lq.shape))
         x0 = model.generate_latent(z, film)
         restored = model.decode(x0, skips, use_hde=self.stage == "stage2")
         w = self.weights

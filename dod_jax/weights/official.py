@@ -18,6 +18,9 @@ the import sets on the config:
     dod.literal_gamma = True   their CLoRA uses M_theta's gamma as it is (no 1 + gamma)
     dod.alpha = 8.0            peft's default lora_alpha: LoRA scale 8 / r
     dod.rank                   from the file (rank_unet), with the target lists it names
+    restore, dod.latent, dod.mfm_resize   the authors' inference (dod_jax.restore.engine.PRESETS
+                               'official': Lanczos resize to multiples of 8, the UNet alone in
+                               latent tiles, a posterior sample, a bicubic MFM copy)
 
 `--config` (default configs/dod.py) describes the ADM for a .pt file and every DOD setting
 the files do not fix, so that small models import as the real ones do.
@@ -50,6 +53,7 @@ from dod_jax.dod.prompts import load_prompt_embeddings, save_prompt_embeddings
 from dod_jax.errors import ConfigError, reported
 from dod_jax.files import atomic_folder, sha256
 from dod_jax.restore.bundle import load_model, save_bundle
+from dod_jax.restore.engine import PRESETS
 from dod_jax.weights import torch_pickle
 from dod_jax.weights.adm import convert_checkpoint, load_adm
 from dod_jax.weights.diffusers import WeightsError, load_pipeline
@@ -99,6 +103,11 @@ def import_official(stage1: Path, stage2: Path | None, sd: Path, adm: Path, prom
     config.dod.update(rank=rank, unet_targets=unet_targets, clora=True, clora_in_vae=False, prompts="group",
                       vae_targets=official.vae_targets_from_regex(files["stage1"].get("vae_lora_target_modules"), str(stage1)),
                       **OFFICIAL_SWITCHES)
+    # The bundle restores as the authors' inference does (the 'official' preset), at the MFM size
+    # the config gives (256 in configs/dod.py; smaller for small ADMs).
+    preset = PRESETS["official"]
+    config.dod.update({k: v for k, v in preset["dod"].items() if k != "mfm_size"})
+    config.restore.update(preset["restore"])
 
     pipeline = load_pipeline(sd)
     dim = pipeline.unet.config.cross_attention_dim
