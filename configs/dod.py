@@ -34,6 +34,10 @@ def get_config() -> ConfigDict:
         "literal_gamma": False,     # False: gamma = 1 + M_theta output; True: gamma = output (paper's literal form)
         "prompts": "group",         # 'group': one prompt per UNet block group (code); 'layer': per CLoRA layer (paper)
         "modulator": {"hidden": 256, "prompt_dim": 64, "init_scale": 1e-5},
+        # 'official' (code): M_theta's Linears Kaiming-normal x init_scale with zero biases
+        # (basicsr's default_init_weights), the DEMs' RRDB convs Kaiming-normal x 0.1 (ESRGAN);
+        # 'default': PyTorch's default inits (M_theta's weights and biases scaled by init_scale).
+        "init": "official",
         "unet_targets": UNET_TARGETS,
         "vae_targets": VAE_TARGETS,
         "hde": {
@@ -81,6 +85,14 @@ def get_config() -> ConfigDict:
         "weights": {k: config_dict.placeholder(float) for k in ("l2", "lpips", "dmd", "ssim")},
         "fake_updates": 1,          # fake-score updates per generator update
         "fake_rank": 8,
+        # Where the fake score's LoRA sits (dod_jax.training.steps.FAKE_SCOPES). 'official', the
+        # default: what the authors' code trains in effect (three peft adapters are added, the
+        # last, "others", is the only active one: the mid block), so that a run reproduces the
+        # training of the released weights; 'all': every target layer, the code's evident intent.
+        "fake_scope": "official",
+        # The generator's output clamped to [-1, 1] before the image losses (MSE and LPIPS in
+        # stage 1, MSE and SSIM in stage 2), as the authors' code; False: unclamped.
+        "clamp_output": True,
         "lpips_weights": str(LPIPS_WEIGHTS),  # make writes it (README: LPIPS)
         "log_every": 50, "sample_every": 1000, "checkpoint_every": 2000, "keep": 3,
     })

@@ -40,6 +40,28 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0, proces
         jax.distributed.initialize(coordinator, num_processes, process_id)
     elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")):
         jax.distributed.initialize()
+    refuse_undistributed_launch()
+
+
+# Variables by which launchers (torchrun and accelerate, MPICH / Intel MPI, Open MPI, SLURM, and
+# dod-jax's own) tell a process how many processes they started.
+LAUNCH_SIZES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS", "DOD_NUM_PROCESSES")
+
+
+def refuse_undistributed_launch():
+    """Several processes started without jax.distributed would each be process 0 of its own run,
+    train alone and write the same workdir: refuse, saying what to set."""
+    if jax.process_count() > 1:
+        return
+    for name in LAUNCH_SIZES:
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 1:
+            n = int(value)
+            raise ConfigError(
+                f"{name}={n}: this process is one of {n}, but jax.distributed is not initialised, so each would "
+                f"train alone and write the same workdir; in every process set DOD_COORDINATOR=<host:port of "
+                f"process 0>, DOD_NUM_PROCESSES={n} and DOD_PROCESS_ID=<0..{n - 1}> (or parallel.coordinator, "
+                f"parallel.num_processes, parallel.process_id)")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
@@ -60,23 +82,48 @@ def logical_axes(shape: tuple, leaf: str) -> tuple:
     return ("vector",) + (None,) * (len(shape) - 1) if shape else ()
 
 
+MIN_SHARDED = 2 ** 14  # elements: smaller tensors stay whole (their gathers cost more than they save)
+
+
 def spec_for(shape: tuple, leaf: str, mesh: Mesh, rules: Mapping[str, str | None]) -> P:
+    """By the rules; a tensor of at least MIN_SHARDED elements that the rules leave whole is
+    split over 'fsdp' on its largest dimension the axis divides (FSDP cuts every large tensor,
+    whichever its layout); one that no dimension allows stays whole (see kept_whole)."""
     axes = []
     for size, name in zip(shape, logical_axes(shape, leaf)):
         axis = rules.get(name) if name else None
         axes.append(axis if axis is not None and size % mesh.shape[axis] == 0 else None)
+    n = mesh.shape["fsdp"]
+    if all(a is None for a in axes) and n > 1 and int(np.prod(shape)) >= MIN_SHARDED:
+        divisible = [i for i in sorted(range(len(shape)), key=lambda i: -shape[i]) if shape[i] % n == 0]
+        if divisible:
+            axes[divisible[0]] = "fsdp"
     return P(*axes)
 
 
-def tree_shardings(tree, mesh: Mesh, rules: Mapping[str, str | None] | None = None):
+def tree_shardings(tree, mesh: Mesh, rules: Mapping[str, str | None] | None = None, min_size: int = 0):
     """NamedShardings for every array of `tree` (nnx.State, optimiser states, any pytree):
-    by the rules when given, replicated otherwise."""
+    by the rules (and spec_for's FSDP fallback) when given, replicated otherwise; arrays of
+    fewer than `min_size` elements replicated in any case."""
     def one(path, leaf):
-        if rules is None or not hasattr(leaf, "shape"):
+        if rules is None or not hasattr(leaf, "shape") or int(np.prod(leaf.shape)) < min_size:
             return NamedSharding(mesh, P())
         name = _last_name(path)
         return NamedSharding(mesh, spec_for(tuple(leaf.shape), name, mesh, rules))
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def kept_whole(tree, shardings) -> list[tuple[str, tuple]]:
+    """(path, shape) of every tensor of at least MIN_SHARDED elements that `shardings` leave
+    replicated on a mesh with fsdp > 1: what sharding could not cut, for a log line."""
+    found = []
+
+    def one(path, leaf, sharding):
+        if (hasattr(leaf, "shape") and int(np.prod(leaf.shape)) >= MIN_SHARDED and sharding.mesh.shape["fsdp"] > 1
+                and all(a is None for a in sharding.spec)):
+            found.append((jax.tree_util.keystr(path), tuple(leaf.shape)))
+    jax.tree_util.tree_map_with_path(one, tree, shardings)
+    return found
 
 
 def _last_name(path) -> str:

@@ -135,6 +135,22 @@ def test_train_reports_a_missing_data_folder_in_one_line(tmp_path):
     assert "no_data" in result.stderr.strip().splitlines()[-1]
 
 
+def test_a_launch_of_several_processes_without_jax_distributed_is_refused(tmp_path):
+    """As torchrun would start two trainers: each would be its own process 0 and write the same
+    workdir, so both refuse, say which variables to set, and write nothing."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOD_", "SLURM_", "OMPI_"))}
+    command = [sys.executable, "train.py", "--config", "configs/micro.py", "--workdir", str(tmp_path / "w")]
+    launched = [subprocess.Popen(command, env=dict(env, WORLD_SIZE="2", RANK=str(rank)), cwd=ROOT, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in range(2)]
+    for process in launched:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode != 0 and "Traceback" not in stderr, stderr[-2000:]
+        last = stderr.strip().splitlines()[-1]
+        assert "WORLD_SIZE=2" in last and all(v in last for v in ("DOD_COORDINATOR", "DOD_NUM_PROCESSES=2",
+                                                                     "DOD_PROCESS_ID"))
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("mask", [0o022, 0o002])
 def test_written_files_and_folders_get_the_umask_modes(bundle, images, tmp_path, mask):
     previous = os.umask(mask)

@@ -73,8 +73,13 @@ def test_a_step_on_8_devices_equals_the_step_on_one(stage):
     compiled = compile_step(stage_obj, state, frozen, mesh, rules, shard_frozen=True)
     (eight, metrics8, restored8), placed = one_step(compiled, state, frozen, batch, mesh)
 
-    # where things live: trained state replicated, the frozen base FSDP-sharded by the rules
-    assert all(s.spec == P() for s in jax.tree.leaves(compiled.state_shardings))
+    # where things live: the frozen base FSDP-sharded by the rules, and the trained state too
+    # (ZeRO: parameters and Adam moments) where a tensor is large enough to be worth it
+    leaves = list(zip(jax.tree.leaves(state), jax.tree.leaves(compiled.state_shardings)))
+    assert all(sh.spec == P() for x, sh in leaves if np.size(x) < parallel.MIN_SHARDED)
+    large = [(x, sh) for x, sh in leaves if np.size(x) >= parallel.MIN_SHARDED]
+    assert large and all("fsdp" in sh.spec for x, sh in large)
+    assert not parallel.kept_whole(state, compiled.state_shardings)
     frozen_specs = {"/".join(map(str, p)): s.spec for p, s in nnx.to_flat_state(compiled.frozen_shardings.model)}
     conv = frozen_specs["unet/down_blocks/0/resnets/0/conv1/kernel"]
     assert conv == P(None, None, None, "fsdp")
@@ -192,3 +197,17 @@ def test_two_processes_on_loopback_train_together_and_agree(tmp_path):
     assert summaries[0]["losses"] == summaries[1]["losses"] and len(summaries[0]["losses"]) == 2
     assert summaries[0]["step"] == summaries[1]["step"] == 2
     assert (tmp_path / "run" / "checkpoints" / "2" / "state").is_dir()
+
+
+def test_fsdp_cuts_every_large_tensor_on_a_dimension_it_divides_and_names_what_it_cannot():
+    mesh = parallel.make_mesh(data=1, fsdp=8)
+    rules = parallel.rules_dict(micro_config().parallel.rules)
+    spec = lambda shape, leaf="kernel": parallel.spec_for(shape, leaf, mesh, rules)
+    assert spec((3, 3, 320, 640)) == P(None, None, None, "fsdp")      # the rule: the output channels
+    assert spec((3, 3, 1024, 3)) == P(None, None, "fsdp", None)       # RGB out: the input channels instead
+    assert spec((1024, 77 * 8)) == P(None, "fsdp")                    # the rule: 'mlp'
+    assert spec((77, 1024), "embedding") == P(None, "fsdp")           # no rule: the largest divisible dimension
+    assert spec((320,), "bias") == P(None)                             # small: whole
+    tree = {"odd": {"kernel": np.zeros((3, 3, 129, 45), np.float32)}, "bias": np.zeros((640,), np.float32)}
+    shardings = parallel.tree_shardings(tree, mesh, rules)
+    assert [shape for _, shape in parallel.kept_whole(tree, shardings)] == [(3, 3, 129, 45)]

@@ -13,17 +13,28 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dod_jax.models.layers import Conv2d, ResnetBlock2D
+from dod_jax.models.layers import Conv2d, ResnetBlock2D, kaiming_normal
 
 RESIDUAL_SCALE = 0.2  # ESRGAN's scale of dense-block and RRDB residuals
 
 
-class DenseBlock(nnx.Module):
-    """ESRGAN's RDB: five 3x3 convs, each seeing the input and all earlier outputs."""
+ESRGAN_INIT_SCALE = 0.1  # init 'official': the dense-block convs Kaiming-normal times 0.1, biases 0
 
-    def __init__(self, channels: int, growth: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+
+class DenseBlock(nnx.Module):
+    """ESRGAN's RDB: five 3x3 convs, each seeing the input and all earlier outputs. `official_init`:
+    the convs initialised as ESRGAN's (Kaiming-normal times 0.1, biases 0), else PyTorch's default."""
+
+    def __init__(self, channels: int, growth: int, *, official_init: bool = True, dtype, param_dtype,
+                 rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.convs = nnx.List([Conv2d(channels + i * growth, growth if i < 4 else channels, 3, **kw) for i in range(5)])
+        if official_init:
+            for conv in self.convs:
+                shape = conv.kernel.shape  # (3, 3, in, out)
+                fan_in = shape[0] * shape[1] * shape[2]
+                conv.kernel.set_value(kaiming_normal(rngs, shape, fan_in, param_dtype) * ESRGAN_INIT_SCALE)
+                conv.bias.set_value(jnp.zeros_like(conv.bias[...]))
 
     def __call__(self, x):
         features = [x]
@@ -33,9 +44,10 @@ class DenseBlock(nnx.Module):
 
 
 class RRDB(nnx.Module):
-    def __init__(self, channels: int, growth: int = 32, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.blocks = nnx.List([DenseBlock(channels, growth, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(3)])
+    def __init__(self, channels: int, growth: int = 32, *, official_init: bool = True, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.blocks = nnx.List([DenseBlock(channels, growth, official_init=official_init, dtype=dtype,
+                                           param_dtype=param_dtype, rngs=rngs) for _ in range(3)])
 
     def __call__(self, x):
         h = x
@@ -46,13 +58,14 @@ class RRDB(nnx.Module):
 
 class DEM(nnx.Module):
     def __init__(self, skip_channels: int, channels: int, *, skip_init: float, w_init: float, growth: int = 32,
-                 groups: int = 32, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 groups: int = 32, official_init: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.skip_conv = Conv2d(skip_channels, channels, 1, use_bias=False, rngs=rngs, **kw)
         self.skip_conv.kernel.set_value(jnp.full(self.skip_conv.kernel.shape, skip_init, param_dtype))
         block = dict(temb_channels=None, groups=groups, eps=1e-6, rngs=rngs, **kw)
         self.fuse = ResnetBlock2D(2 * channels, channels, **block)
-        self.rrdb = RRDB(channels, growth, rngs=rngs, **kw)
+        self.rrdb = RRDB(channels, growth, official_init=official_init, rngs=rngs, **kw)
         self.out = ResnetBlock2D(channels, channels, **block)
         self.w = nnx.Param(jnp.asarray(w_init, param_dtype))
 
@@ -67,9 +80,10 @@ class HDE(nnx.Module):
     (deepest first): SD's VAE gives skips 512, 256, 128, 128 and up-block inputs 512, 512, 512, 256."""
 
     def __init__(self, skip_channels, channels, *, skip_init: float = 1e-5, w_init: float = 1.0, growth: int = 32,
-                 groups: int = 32, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 groups: int = 32, official_init: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.dems = nnx.List([DEM(s, c, skip_init=skip_init, w_init=w_init, growth=growth, groups=groups,
-                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                  official_init=official_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                               for s, c in zip(skip_channels, channels)])
 
     def hook(self, encoder_skips):

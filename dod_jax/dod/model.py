@@ -81,14 +81,15 @@ class DOD(nnx.Module):
         self.vae_adapted = tuple(adapters.inject(vae, adapters.AdapterSpec(
             GENERATOR, tuple(cfg.vae_targets), scope="encoder.", film_key=vae_key, **spec), rngs))
         self.conditional = cfg.clora
-        self.modulator = (Modulator(num_prompts, cfg.rank, feature_dim=adm.config.out_channels, rngs=rngs,
-                                    **cfg.modulator) if cfg.clora else None)
+        init = cfg.get("init", "official")
+        self.modulator = (Modulator(num_prompts, cfg.rank, feature_dim=adm.config.out_channels, init=init,
+                                    rngs=rngs, **cfg.modulator) if cfg.clora else None)
         boc = list(vae.config.block_out_channels)
         skip_channels = ([boc[0]] + boc[:-1])[::-1]
         decoder_inputs = [boc[-1]] + boc[::-1][:-1]
         self.hde = (HDE(skip_channels, decoder_inputs, skip_init=cfg.hde.skip_init, w_init=cfg.hde.w_init,
-                        growth=cfg.hde.growth, groups=vae.config.norm_num_groups, dtype=vae.dtype,
-                        rngs=rngs) if cfg.hde.enabled else None)
+                        growth=cfg.hde.growth, groups=vae.config.norm_num_groups, official_init=init == "official",
+                        dtype=vae.dtype, rngs=rngs) if cfg.hde.enabled else None)
 
     # ------------------------------------------------------------------------------ pieces
 

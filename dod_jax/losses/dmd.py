@@ -25,7 +25,7 @@ from dod_jax import adapters
 from dod_jax.models.layers import is_key_batch, normal_per_sample
 from dod_jax.schedule import DDPMSchedule
 
-T_MIN, T_MAX = 20, 980
+T_MIN, T_MAX = 20, 979  # inclusive: the authors' randint(20, 980)
 GUIDANCE = 7.5
 
 

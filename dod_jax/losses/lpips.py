@@ -73,14 +73,21 @@ class LPIPS(nnx.Module):
                     h = nnx.max_pool(h, (2, 2), strides=(2, 2))
         return out
 
-    def __call__(self, x, y):
+    def __call__(self, x, y, *, constant_target: bool = False):
+        """Per-image distance between (B, H, W, 3) batches in [-1, 1]. `constant_target`: y is
+        data (a training loss' ground truth): its features are computed apart and under
+        stop_gradient, so the backward pass runs through x's VGG pass alone."""
         if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"LPIPS needs two (B, H, W, 3) arrays of one shape, got {x.shape} and {y.shape}")
         b = x.shape[0]
-        taps = self.taps(jnp.concatenate([x, y]))  # one VGG pass over both batches
+        if constant_target:
+            pairs = zip(self.taps(x), jax.lax.stop_gradient(self.taps(y)))
+        else:
+            taps = self.taps(jnp.concatenate([x, y]))  # one VGG pass over both batches
+            pairs = ((f[:b], f[b:]) for f in taps)
         total = jnp.zeros((b,), jnp.float32)
-        for level, f in enumerate(taps):
-            diff = (f[:b] - f[b:]) ** 2
+        for level, (fx, fy) in enumerate(pairs):
+            diff = (fx - fy) ** 2
             weight = getattr(self, f"lin{level}").kernel[...].astype(jnp.float32)[0, 0, :, 0]
             total = total + jnp.mean(diff @ weight, axis=(1, 2))
         return total

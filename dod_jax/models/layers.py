@@ -56,6 +56,11 @@ def normal_init(rngs, shape, std, dtype):
     return jax.random.normal(source, shape, dtype) * std
 
 
+def kaiming_normal(rngs, shape, fan_in, dtype):
+    """PyTorch's kaiming_normal_ (fan_in mode, ReLU gain): N(0, 2 / fan_in)."""
+    return normal_init(rngs, shape, (2.0 / fan_in) ** 0.5, dtype)
+
+
 def uniform_fan_in(rngs, shape, fan_in, dtype):
     # PyTorch's default init for Linear/Conv (kaiming_uniform with a=sqrt(5)) reduces
     # to U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the same scale keeps random-weight models

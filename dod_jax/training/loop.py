@@ -47,7 +47,8 @@ def training_model(config, base: BaseModels):
             raise ConfigError(f"{config.base.prompts}: holds no negative_prompt embedding, which stage 1's DMD "
                               "real score needs (python -m dod_jax.dod.prompts writes both)")
         add_fake_score(model, base.prompt_embeddings["negative_prompt"], rank=config.train.fake_rank,
-                       targets=config.dod.unet_targets, rngs=NumpyRngs(config.train.seed + 2))
+                       targets=config.dod.unet_targets, rngs=NumpyRngs(config.train.seed + 2),
+                       scope=config.train.get("fake_scope", "all"))  # runs saved before the switch: all
     elif stage == "stage2":
         if not config.train.init_from:
             raise ConfigError("stage 2 starts from a stage-1 run: set train.init_from to its checkpoints directory")
@@ -106,12 +107,21 @@ class CompiledStep:
 
 
 def compile_step(stage: Stage, state: TrainState, frozen: Frozen, mesh, rules=None, shard_frozen=False) -> CompiledStep:
-    """stage.train_step under jax.jit on `mesh`: trained state replicated and donated, the
-    frozen model replicated (or sharded by `rules` when shard_frozen), the batch split over
-    ('data', 'fsdp')."""
-    state_sh = parallel.tree_shardings(state, mesh)
-    frozen_sh = Frozen(parallel.tree_shardings(frozen.model, mesh, rules if shard_frozen else None),
+    """stage.train_step under jax.jit on `mesh`, the batch split over ('data', 'fsdp'), the
+    trained state donated. Replicated, or with shard_frozen FSDP: the frozen model and the
+    large trained tensors (parameters and both optimiser states: ZeRO) split by `rules` and
+    parallel.spec_for's fallback; large tensors no dimension lets it cut are named in a log line."""
+    sharded = rules if shard_frozen else None
+    # ZeRO for the large trained tensors only: splitting a LoRA matrix saves nothing worth its gathers
+    state_sh = parallel.tree_shardings(state, mesh, sharded, min_size=parallel.MIN_SHARDED)
+    frozen_sh = Frozen(parallel.tree_shardings(frozen.model, mesh, sharded),
                        parallel.tree_shardings(frozen.lpips, mesh))
+    if sharded is not None:
+        whole = parallel.kept_whole(frozen.model, frozen_sh.model) + parallel.kept_whole(state, state_sh)
+        if whole:
+            tqdm.write(f"fsdp: {len(whole)} large tensors kept whole (no dimension divisible by "
+                       f"fsdp={mesh.shape['fsdp']}): " + ", ".join(f"{p} {s}" for p, s in whole[:5])
+                       + (" ..." if len(whole) > 5 else ""))
     batch_sh = parallel.batch_sharding(mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step = jax.jit(stage.train_step, in_shardings=(state_sh, frozen_sh, batch_sh),

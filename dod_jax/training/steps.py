@@ -93,6 +93,7 @@ class Stage:
     fake_tx: Any
     micro_batches: int = 1
     fake_updates: int = 1
+    clamp_output: bool = True  # train.clamp_output (configs/dod.py)
 
     # --------------------------------------------------------------------------- set-up
 
@@ -114,7 +115,7 @@ class Stage:
         gen_tx = optimizer(train_cfg.lr, train_cfg.weight_decay, train_cfg.clip, *train_cfg.betas)
         fake_tx = optimizer(train_cfg.fake_lr, train_cfg.weight_decay, train_cfg.fake_clip, *train_cfg.betas)
         self = cls(stage, graphdef, lpips_graphdef, weights, gen_tx, fake_tx, train_cfg.micro_batches,
-                   train_cfg.fake_updates if stage1 else 0)
+                   train_cfg.fake_updates if stage1 else 0, train_cfg.get("clamp_output", True))
         state = TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=gen_tx.init(params),
             fake_params=fake_params, fake_opt_state=fake_tx.init(fake_params) if stage1 else (),
@@ -138,12 +139,15 @@ class Stage:
         z, skips = model.encode(lq, film, model.latent_noise(latent_keys, lq.shape))
         x0 = model.generate_latent(z, film)
         restored = model.decode(x0, skips, use_hde=self.stage == "stage2")
+        if self.clamp_output:  # the authors' code clamps before its image losses
+            restored = jnp.clip(restored, -1.0, 1.0)
         w = self.weights
         metrics = {"mse": jnp.mean((restored - gt.astype(jnp.float32)) ** 2)}
         if self.stage == "stage1":
             loss = w["l2"] * metrics["mse"]
             if w["lpips"]:
-                metrics["lpips"] = nnx.merge(self.lpips_graphdef, frozen.lpips)(restored, gt).mean()
+                lpips = nnx.merge(self.lpips_graphdef, frozen.lpips)
+                metrics["lpips"] = lpips(restored, gt, constant_target=True).mean()
                 loss = loss + w["lpips"] * metrics["lpips"]
             if w["dmd"]:
                 b = lq.shape[0]
@@ -199,11 +203,22 @@ class Stage:
         return state.replace(step=state.step + 1), metrics, restored
 
 
-def add_fake_score(model: DOD, negative_prompt, *, rank: int, targets, rngs) -> DOD:
+# Where the fake score's LoRA sits (train.fake_scope): a path prefix in the UNet. 'all': every
+# target layer (the authors' intent); 'official': what their code trains in effect, the "others"
+# adapter (added last, so the only active one): the target layers outside the down and up
+# blocks, conv_in and conv_out, which are the mid block's.
+FAKE_SCOPES = {"all": "", "official": "mid_block."}
+
+
+def add_fake_score(model: DOD, negative_prompt, *, rank: int, targets, rngs, scope: str = "official") -> DOD:
     """Give `model` what stage 1's DMD needs: the fake score's LoRA set (FAKE, rank `rank`, on
-    the UNet layers ending in `targets`, B zero so the fake score starts as the base UNet) and
-    the real score's negative prompt embedding."""
-    adapters.inject(model.unet, adapters.AdapterSpec(FAKE, tuple(targets), rank=rank), rngs)
+    the UNet layers ending in `targets` within `scope` (FAKE_SCOPES), B zero so the fake score
+    starts as the base UNet) and the real score's negative prompt embedding."""
+    if scope not in FAKE_SCOPES:
+        raise ConfigError(f"train.fake_scope must be one of {sorted(FAKE_SCOPES)}, got {scope!r}")
+    prefix = FAKE_SCOPES[scope]
+    present = [t for t in targets if any(adapters.matches(p[len(prefix):], [t]) for p, _ in adapters.layers(model.unet, prefix))]
+    adapters.inject(model.unet, adapters.AdapterSpec(FAKE, tuple(present), rank=rank, scope=prefix), rngs)
     model.negative_prompt = PromptEmbedding(jnp.asarray(negative_prompt, jnp.float32))
     return model
 
