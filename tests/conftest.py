@@ -3,7 +3,6 @@ written with save_pretrained() into temporary folders, and layout conversions.""
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
@@ -37,26 +36,6 @@ def sd1_style_tiny_unet() -> dict:
                 "flip_sin_to_cos": False, "freq_shift": 1, "mid_block_scale_factor": 2.0,
                 "cross_attention_dim": 48, "layers_per_block": 1})
     return cfg
-
-
-def perturb_(module, seed: int, scale: float = 0.05):
-    """Random offsets on every parameter, so norms' weights and biases differ from 1 and 0
-    and a mix-up of any two tensors shows in the outputs."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return module
-
-
-def diffusers_model(kind: str, config: dict, seed: int = 0):
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    torch.manual_seed(seed)
-    cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[kind]
-    cfg = {k: v for k, v in copy.deepcopy(dict(config)).items() if not k.startswith("_")}
-    return perturb_(cls(**cfg).eval(), seed)
 
 
 def nchw(x):

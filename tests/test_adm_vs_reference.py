@@ -11,7 +11,8 @@ from flax import nnx
 from safetensors import safe_open
 
 from adm_reference import ADMEncoderTorch
-from conftest import nchw, nhwc, perturb_
+from conftest import nchw, nhwc
+from torch_models import perturb_
 from dod_jax.models.adm import ADMConfig
 from dod_jax.weights.adm import convert_checkpoint, load_adm
 from dod_jax.weights.diffusers import WeightsError, WeightsMismatchError

@@ -11,61 +11,15 @@ import jax
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler
 
-from adm_reference import ADMEncoderTorch
-from conftest import diffusers_model, nchw, nhwc, perturb_
+from conftest import nchw, nhwc
 from dod_jax.configs import load_config
-from dod_jax.dod.official import vae_target_regex
 from dod_jax.models.layers import normal_per_sample
 from dod_jax.restore.bundle import load_model
 from dod_jax.weights.official import main as official_main
-from dod_reference import AuthorsDOD
+from dod_reference import authors_model, config_file, save_released
 
 SIZE = 32
-
-
-def config_file(tmp_path, name: str):
-    """A config like configs/<name>.py whose MFM sees the LQ at full resolution (the authors'
-    code at test time), as --config for the import."""
-    path = tmp_path / f"{name}_full_mfm.py"
-    path.write_text(f"from configs import {name}\n\n\ndef get_config():\n    config = {name}.get_config()\n"
-                    "    config.dod.mfm_size = 0\n    return config\n")
-    return path
-
-
-def authors_model(config, folder, seed=0, trained_seed=4):
-    """The re-statement with random weights (the base from `seed`, what DOD trains from
-    `trained_seed`); the base (before LoRA and the trained conv_in) is saved as a diffusers
-    folder and the ADM as its .pt, as the import reads them."""
-    unet = diffusers_model("unet", config.unet.to_dict(), seed + 1)
-    vae = diffusers_model("vae", config.vae.to_dict(), seed + 2)
-    unet.save_pretrained(folder / "sd" / "unet")
-    vae.save_pretrained(folder / "sd" / "vae")
-    scheduler = DDPMScheduler.from_config(config.scheduler.to_dict())
-    scheduler.save_pretrained(folder / "sd" / "scheduler")
-    a = config.adm
-    torch.manual_seed(seed + 3)
-    adm = perturb_(ADMEncoderTorch(a.image_size, 3, a.model_channels, a.channel_mult, a.num_res_blocks,
-                                   a.attention_resolutions, a.num_head_channels).eval(), seed + 3)
-    torch.save(adm.state_dict(), folder / "adm.pt")
-    prompt = torch.randn(1, config.prompt_length, config.unet.cross_attention_dim, generator=torch.Generator().manual_seed(seed))
-    torch.save(prompt, folder / "prompt_embeds.pt")
-    model = AuthorsDOD(unet, vae, adm, a.model_channels * a.channel_mult[-1], scheduler.alphas_cumprod, prompt,
-                       config.dod.rank, config.dod.unet_targets, vae_target_regex(config.dod.vae_targets)).eval()
-    # Everything trained moves off its initialisation: B matrices, the UNet's trained conv_in,
-    # M_theta (its prompts and biases too), the DEMs and their w, so a mix-up of any two shows.
-    trained = {model.unet: lambda n: "lora" in n or n.startswith("conv_in."),
-               model.vae: lambda n: "lora" in n or "sft_blocks" in n or "skip_conv" in n,
-               model.mtheta: lambda n: True}
-    generator = torch.Generator().manual_seed(trained_seed)
-    with torch.no_grad():
-        for module, is_trained in trained.items():
-            scale = 0.5 if module is model.mtheta else 0.05
-            for name, p in module.named_parameters():
-                if is_trained(name):
-                    p.add_(torch.randn(p.shape, generator=generator) * scale)
-    return model
 
 
 @pytest.fixture(scope="module", params=["micro", "tiny"])
@@ -73,8 +27,7 @@ def released(tmp_path_factory, request):
     folder = tmp_path_factory.mktemp(f"authors_{request.param}")
     config = load_config(config_file(folder, request.param))
     model = authors_model(config, folder)
-    torch.save(model.stage1_dict(config.dod.unet_targets, vae_target_regex(config.dod.vae_targets)), folder / "stage1.pkl")
-    torch.save(model.stage2_dict(), folder / "stage2.pkl")
+    save_released(model, config, folder)
     return folder, config, model
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from flax import nnx
 
-from conftest import diffusers_model, nchw, nhwc, sd1_style_tiny_unet, sd21_config, tiny_config
+from conftest import nchw, nhwc, sd1_style_tiny_unet, sd21_config, tiny_config
+from torch_models import diffusers_model
 from dod_jax.weights.diffusers import load_model
 
 

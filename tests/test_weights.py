@@ -13,7 +13,8 @@ import torch
 from flax import nnx, serialization
 from safetensors.numpy import load_file, save_file
 
-from conftest import diffusers_model, tiny_config
+from conftest import tiny_config
+from torch_models import diffusers_model
 from dod_jax.schedule import DDPMSchedule
 from dod_jax.weights.diffusers import (SAFETENSORS_NAME, SDPipeline, WeightsError, WeightsMismatchError,
                                        load_model, load_pipeline, save_model, save_pipeline)

@@ -52,6 +52,7 @@ from dod_jax.dod.prompts import save_prompt_embeddings
 from dod_jax.errors import ConfigError, reported
 from dod_jax.evaluation.metrics import psnr
 from dod_jax.files import atomic_folder, atomic_write, sha256
+from dod_jax.machine import cpu_model
 from dod_jax.image_ops import to_uint8
 from dod_jax.losses.lpips import load_lpips
 from dod_jax.models.layers import NumpyRngs
@@ -212,7 +213,7 @@ def pretrain(config, out: Path) -> dict:
         "recipe": recipe.to_dict(), "scaling_factor": vae.config.scaling_factor,
         "vae_held_out": held_out_reconstruction(vae, lpips, recipe.vae_crop), "vae_log": vae_log, "unet_log": unet_log,
         "made_with": {"jax": jax.__version__, "backend": jax.default_backend(), "machine": platform.machine(),
-                      "cpu": _cpu_model(), "seconds": round(time.time() - started, 1)},
+                      "cpu": cpu_model(), "seconds": round(time.time() - started, 1)},
     }
 
     def fill(folder: Path):
@@ -231,16 +232,6 @@ def differences(written: dict, reference_folder: Path) -> list[str]:
     """The files whose size or sha256 differ from (or are absent in) another base's manifest."""
     reference = json.loads((reference_folder / MANIFEST).read_text())["files"]
     return sorted(k for k in set(written) | set(reference) if written.get(k) != reference.get(k))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv=None) -> int:
