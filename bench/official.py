@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -34,21 +33,11 @@ from flax import nnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from bench.forward import median_seconds  # noqa: E402
 from dod_jax.configs import load_config  # noqa: E402
 from dod_jax.restore.bundle import load_model  # noqa: E402
 from dod_jax.machine import cpu_model  # noqa: E402
 from dod_jax.weights.official import main as official_main  # noqa: E402
-
-
-def median_seconds(fn, reps: int, warmup: int = 1) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
 
 
 def jax_restorers(model):
@@ -71,6 +60,9 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--perturbation", type=float, default=0.02,
+                        help="scale of the random weight offsets (tests/dod_reference.authors_model); at 1 the "
+                             "full-size model overflows to NaN")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
 
@@ -82,7 +74,7 @@ def main():
         folder = Path(scratch)
         config = load_config(config_file(folder, "dod"))
         print("building the authors' model (SD 2.1-base + ADM-256, random weights) ...", flush=True)
-        reference = authors_model(config, folder)
+        reference = authors_model(config, folder, perturbation=args.perturbation)
         save_released(reference, config, folder)
         assert official_main(["import", "--stage1", str(folder / "stage1.pkl"), "--stage2", str(folder / "stage2.pkl"),
                               "--sd", str(folder / "sd"), "--adm", str(folder / "adm.pt"),
@@ -98,8 +90,10 @@ def main():
         "device": f"{device.platform}: {device.device_kind}", "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
         "versions": {"jax": jax.__version__, "torch": torch.__version__},
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "reps": args.reps, "runs": [],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "reps": args.reps, "perturbation": args.perturbation,
+        "runs": [],
     }
+    path = args.out / f"official_{device.platform}.json"
     rng = np.random.default_rng(0)
     for size in args.sizes:
         for batch in args.batches:
@@ -121,12 +115,11 @@ def main():
                        "jax_compile_s": compile_s, "xla_flops": flops,
                        "max_abs_diff_vs_torch": float(np.abs(got - expected).max())}
                 results["runs"].append(run)
+                args.out.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(results, indent=2))  # after every case: a cut run keeps what it measured
                 print(f"{size}x{size} batch {batch} CLoRA {clora}: dod-jax {jax_s:.2f}s  PyTorch {torch_s:.2f}s  "
                       f"jax/torch {jax_s / torch_s:.2f}x  XLA flops {flops:.3e}  compile {compile_s:.0f}s  "
                       f"max|diff| {run['max_abs_diff_vs_torch']:.1e}", flush=True)
-            args.out.mkdir(parents=True, exist_ok=True)
-            path = args.out / f"official_{device.platform}.json"
-            path.write_text(json.dumps(results, indent=2))  # after every case: a long run keeps what it measured
     print(f"wrote {path}")
 
 

@@ -207,12 +207,14 @@ def config_file(folder, name: str):
     return path
 
 
-def authors_model(config, folder, seed=0, trained_seed=4):
+def authors_model(config, folder, seed=0, trained_seed=4, perturbation=1.0):
     """The re-statement with random weights (the base from `seed`, what DOD trains from
     `trained_seed`); the base (before LoRA and the trained conv_in) is saved as a diffusers
-    folder and the ADM as its .pt, as the import reads them."""
-    unet = diffusers_model("unet", config.unet.to_dict(), seed + 1)
-    vae = diffusers_model("vae", config.vae.to_dict(), seed + 2)
+    folder and the ADM as its .pt, as the import reads them. `perturbation` scales the random
+    offsets on every weight (0.05, and 0.5 on M_theta): full-size models need them smaller, as
+    offsets far above their weights' own scale make the activations overflow."""
+    unet = diffusers_model("unet", config.unet.to_dict(), seed + 1, scale=0.05 * perturbation)
+    vae = diffusers_model("vae", config.vae.to_dict(), seed + 2, scale=0.05 * perturbation)
     unet.save_pretrained(folder / "sd" / "unet")
     vae.save_pretrained(folder / "sd" / "vae")
     scheduler = DDPMScheduler.from_config(config.scheduler.to_dict())
@@ -220,7 +222,8 @@ def authors_model(config, folder, seed=0, trained_seed=4):
     a = config.adm
     torch.manual_seed(seed + 3)
     adm = perturb_(ADMEncoderTorch(a.image_size, 3, a.model_channels, a.channel_mult, a.num_res_blocks,
-                                   a.attention_resolutions, a.num_head_channels).eval(), seed + 3)
+                                   a.attention_resolutions, a.num_head_channels).eval(), seed + 3,
+                   0.05 * perturbation)
     torch.save(adm.state_dict(), folder / "adm.pt")
     prompt = torch.randn(1, config.prompt_length, config.unet.cross_attention_dim, generator=torch.Generator().manual_seed(seed))
     torch.save(prompt, folder / "prompt_embeds.pt")
@@ -234,7 +237,7 @@ def authors_model(config, folder, seed=0, trained_seed=4):
     generator = torch.Generator().manual_seed(trained_seed)
     with torch.no_grad():
         for module, is_trained in trained.items():
-            scale = 0.5 if module is model.mtheta else 0.05
+            scale = (0.5 if module is model.mtheta else 0.05) * perturbation
             for name, p in module.named_parameters():
                 if is_trained(name):
                     p.add_(torch.randn(p.shape, generator=generator) * scale)

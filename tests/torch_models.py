@@ -17,10 +17,10 @@ def perturb_(module, seed: int, scale: float = 0.05):
     return module
 
 
-def diffusers_model(kind: str, config: dict, seed: int = 0):
+def diffusers_model(kind: str, config: dict, seed: int = 0, scale: float = 0.05):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     torch.manual_seed(seed)
     cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[kind]
     cfg = {k: v for k, v in copy.deepcopy(dict(config)).items() if not k.startswith("_")}
-    return perturb_(cls(**cfg).eval(), seed)
+    return perturb_(cls(**cfg).eval(), seed, scale)
