@@ -107,6 +107,11 @@ def content_seed(image: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(image).tobytes()) & 0x7FFFFFFF
 
 
+def image_key(seed: int, content):
+    """The key of one image's posterior noise: the run's seed folded with its content_seed."""
+    return jax.random.fold_in(jax.random.key(seed), content)
+
+
 class Restorer:
     """`restore(images)` for a list of images (any size, layout, dtype; see dod.images).
     `use_hde=False` decodes without DEMs (a stage-1 model). `status(text)`, when given, hears
@@ -131,7 +136,7 @@ class Restorer:
         def noise(m, lq, seeds):
             if not m.sample_latent:
                 return None
-            return m.latent_noise(jax.vmap(lambda s: jax.random.fold_in(jax.random.key(seed), s))(seeds), lq.shape)
+            return m.latent_noise(jax.vmap(lambda s: image_key(seed, s))(seeds), lq.shape)
 
         def whole(state, lq, film, seeds):
             m = dod(state)
@@ -227,7 +232,7 @@ class Restorer:
         if not self.sample_latent:
             return None
         h, w = (n // self.latent_scale for n in prepared.padded.shape[:2])
-        key = jax.random.fold_in(jax.random.key(self.settings.seed), content_seed(prepared.padded))
+        key = image_key(self.settings.seed, content_seed(prepared.padded))
         return np.asarray(jax.random.normal(key, (h, w, self.latent_channels)))
 
     def time(self, size: int = 512, batch: int = 1, runs: int = 10, warmup: int = 2, merged: bool = False) -> dict:
