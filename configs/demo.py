@@ -46,6 +46,7 @@ def get_config() -> ConfigDict:
         "seed": 0,
         # The VAE: an autoencoder on LQ and GT crops of the demo's training photos; L1 + LPIPS-VGG
         # + KL (per latent position, summed over channels), AdamW with warm-up and cosine decay.
+        # lpips 0 leaves the perceptual term out, and VGG's passes with it (about half a step).
         "vae_steps": 3000, "vae_crop": 64, "vae_units": 1, "vae_lr": 2e-3,
         "l1": 1.0, "lpips": 1.0, "kl": 1e-4,
         # The UNet: epsilon prediction on the frozen VAE's scaled latents at t ~ U{0..999};

@@ -9,15 +9,19 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from conftest import ROOT
 from configs.dod import LPIPS_WEIGHTS
 from dod_jax.configs import load_config
 from dod_jax.data.demo import TEST_PHOTOS, demo_photos
-from dod_jax.dod.build import load_base
+from dod_jax.dod.build import base_networks, load_base
 from dod_jax.losses.lpips import load_lpips
-from dod_jax.training.pretrain_base import MANIFEST, SHIPPED, file_table, held_out_reconstruction, pretrain
+from dod_jax.models.layers import NumpyRngs
+from dod_jax.training.pretrain_base import (MANIFEST, SHIPPED, file_table, held_out_reconstruction, kl_divergence,
+                                            pretrain, vae_step)
 
 # Measured on the shipped base (manifest.json, vae_held_out): chelsea 20.59 dB / LPIPS 0.498,
 # coffee 18.86 dB / 0.466, in 64-pixel crops. The thresholds leave room for other CPUs'
@@ -73,3 +77,17 @@ def test_pretraining_is_deterministic_and_writes_a_base_the_loaders_read(tmp_pat
     assert json.loads((tmp_path / "first" / MANIFEST).read_text())["files"] == first["files"]
     with pytest.raises(ValueError, match="exists"):
         pretrain(config, tmp_path / "first")
+
+
+def test_a_zero_lpips_weight_leaves_the_perceptual_term_out_of_the_vae_step():
+    config = load_config(ROOT / "configs" / "demo.py")
+    _, vae, _ = base_networks(config, NumpyRngs(0), jnp.float32)
+    images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32))
+    key = jax.random.key(1)
+    posterior = vae.encode(images)
+    l1 = float(jnp.mean(jnp.abs(vae.decode(posterior.sample(key)) - images)))
+    kl = float(kl_divergence(posterior))
+    optimizer = nnx.Optimizer(vae, optax.sgd(0.0), wrt=nnx.Param)
+    terms = vae_step(vae, optimizer, None, images, key, {"l1": 1.0, "lpips": 0.0, "kl": 0.5})
+    assert set(terms) == {"l1", "kl", "loss"}
+    np.testing.assert_allclose([terms["l1"], terms["kl"], terms["loss"]], [l1, kl, l1 + 0.5 * kl], rtol=1e-5)

@@ -91,11 +91,15 @@ def kl_divergence(posterior) -> jax.Array:
 
 @nnx.jit
 def vae_step(vae, optimizer, lpips, images, key, weights):
+    """One AdamW step on L1 + LPIPS-VGG + KL; `lpips=None` (a recipe's lpips weight 0) leaves
+    the perceptual term out, and with it VGG's forward and backward pass (half the step)."""
     def loss_fn(vae):
         posterior = vae.encode(images)
         restored = vae.decode(posterior.sample(key)).astype(jnp.float32)
-        terms = {"l1": jnp.mean(jnp.abs(restored - images)), "lpips": lpips(restored, images).mean(),
-                 "kl": kl_divergence(posterior)}
+        terms = {"l1": jnp.mean(jnp.abs(restored - images))}
+        if lpips is not None:
+            terms["lpips"] = lpips(restored, images).mean()
+        terms["kl"] = kl_divergence(posterior)  # summed in this order: the shipped base's bytes depend on it
         return sum(weights[k] * v for k, v in terms.items()), terms
 
     (loss, terms), grads = nnx.value_and_grad(loss_fn, has_aux=True)(vae)
@@ -194,8 +198,9 @@ def pretrain(config, out: Path) -> dict:
         vae_batches = demo_batches(root, recipe, recipe.vae_crop, recipe.vae_units)
         optimizer = nnx.Optimizer(vae, adamw(recipe, recipe.vae_lr, recipe.vae_steps), wrt=nnx.Param)
         weights = {"l1": recipe.l1, "lpips": recipe.lpips, "kl": recipe.kl}
+        perceptual = lpips if recipe.lpips else None
         vae_log = train("vae", recipe.vae_steps, lambda b, key: vae_step(
-            vae, optimizer, lpips, jnp.concatenate([b["lq"], b["gt"]]), key, weights), vae_batches, recipe.seed)
+            vae, optimizer, perceptual, jnp.concatenate([b["lq"], b["gt"]]), key, weights), vae_batches, recipe.seed)
         vae.config = dataclasses.replace(vae.config, scaling_factor=scaling_factor(vae, vae_batches, recipe.seed))
 
         unet_batches = demo_batches(root, recipe, recipe.unet_crop, recipe.unet_units)
