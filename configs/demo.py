@@ -22,6 +22,11 @@ def get_config() -> ConfigDict:
     # 16 latent channels (as SD 3's VAE) instead of SD 2.1's 4: at 8x downsampling the tiny VAE
     # then keeps enough of a photo to reconstruct it sharply after minutes of training.
     config.vae.latent_channels = 16
+    # One GroupNorm group instead of SD's 32: at the tiny VAE's 32 channels, 32 groups normalise
+    # every channel on its own, which takes each crop's colour out of the features; with 32-pixel
+    # crops the VAE then missed held-out photos' colours by up to 45 levels (17.3 / 13.5 dB
+    # after 300 steps, against 22.9 / 19.9 dB with one group).
+    config.vae.norm_num_groups = 1
     config.unet.update({"in_channels": 16, "out_channels": 16})
     config.base.update({"sd": str(DEMO_BASE / "sd"), "adm": str(DEMO_BASE / "adm.safetensors"),
                         "prompts": str(DEMO_BASE / "prompts.safetensors"), "random_seed": -1})
@@ -44,15 +49,17 @@ def get_config() -> ConfigDict:
     config.demo = ConfigDict({"stage1": {"steps": 300}, "stage2": {"steps": 120, "lr": 3e-4}})
     config.pretrain = ConfigDict({
         "seed": 0,
-        # The VAE: an autoencoder on LQ and GT crops of the demo's training photos; L1 + LPIPS-VGG
+        # The VAE: an autoencoder on LQ and GT crops of the demo's training photos; MSE + LPIPS-VGG
         # + KL (per latent position, summed over channels), AdamW with warm-up and cosine decay.
-        # lpips 0 leaves the perceptual term out, and VGG's passes with it (about half a step).
-        "vae_steps": 3000, "vae_crop": 64, "vae_units": 1, "vae_lr": 2e-3,
-        "l1": 1.0, "lpips": 1.0, "kl": 1e-4,
+        # A term weighted 0 is left out of the step (LPIPS 0: VGG's passes too, half a step).
+        # Many small crops rather than few large ones: at the same pixels per step, 16 crops of
+        # 32 reconstructed held-out photos 2-5 dB better than 4 of 64 after 300 steps.
+        "vae_steps": 1500, "vae_crop": 32, "vae_units": 4, "vae_lr": 1e-3,
+        "l1": 0.0, "mse": 1.0, "lpips": 0.1, "kl": 1e-4,
         # The UNet: epsilon prediction on the frozen VAE's scaled latents at t ~ U{0..999};
         # GT crops carry the prompt embedding, LQ crops the negative prompt, so that DMD's
         # classifier-free guidance (real score) points from degraded towards clean.
-        "unet_steps": 1500, "unet_crop": 128, "unet_units": 1, "unet_lr": 1e-3,
+        "unet_steps": 1200, "unet_crop": 128, "unet_units": 1, "unet_lr": 1e-3,
         "warmup": 100, "final_lr_fraction": 0.05, "weight_decay": 1e-4, "clip": 1.0,
         # Crops per task in a batch (the VAE and UNet see each crop's LQ and GT).
         "ratio": "dehaze:1,derain:1,denoise:2",

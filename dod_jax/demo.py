@@ -95,7 +95,8 @@ def demo(config, work: Path, steps: dict[str, int | None], eval_per_task: int | 
     plot_losses(logs, work / "losses.png")
     average = results["tasks"]["average"]
     better = verdict(average)
-    summary = {"training": {s: {"first": r[0]["loss"], "last": r[-1]["loss"]} for s, r in logs.items() if r},
+    terms = lambda record: {k: record[k] for k in ("loss", "mse")}  # mse: the term both stages have
+    summary = {"training": {s: {"first": terms(r[0]), "last": terms(r[-1])} for s, r in logs.items() if r},
                "evaluation": average, "dod_better_than_lq": better, "workdir": str(work)}
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     print((work / "eval" / "results.md").read_text())

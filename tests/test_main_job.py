@@ -20,17 +20,20 @@ def test_the_main_job_trains_dod_on_the_demo_base_and_restores_what_the_input_lo
                             capture_output=True, text=True, cwd=ROOT, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
+    # The reconstruction term falls in both stages (stage 1, measured: 0.302 at step 10, 0.131 at
+    # 300); stage 1's total need not, as its DMD term grows from 0 while the fake score learns.
     for stage in ("stage1", "stage2"):
-        assert summary["training"][stage]["last"] < summary["training"][stage]["first"], summary["training"]
+        assert summary["training"][stage]["last"]["mse"] < summary["training"][stage]["first"]["mse"], summary["training"]
     average = summary["evaluation"]
-    assert average["dod"]["ssim"] > average["lq"]["ssim"] + 0.05, average  # measured 0.553 against 0.445
+    assert average["dod"]["psnr"] > average["lq"]["psnr"] + 0.5, average  # measured 19.66 against 18.36 dB
+    assert average["dod"]["ssim"] > average["lq"]["ssim"] + 0.08, average  # measured 0.591 against 0.445
     assert summary["dod_better_than_lq"]["ssim"] and set(summary["dod_better_than_lq"]) == {"psnr", "ssim", "lpips_vgg"}
 
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     tasks = results["tasks"]
-    # Measured: dehaze 14.1 dB against 10.1; sigma-50 noise 17.5 dB against 14.9, LPIPS 0.60 against 0.68.
-    assert tasks["dehaze"]["dod"]["psnr"] > tasks["dehaze"]["lq"]["psnr"] + 2.0, tasks["dehaze"]
-    assert tasks["denoise_50"]["dod"]["psnr"] > tasks["denoise_50"]["lq"]["psnr"] + 1.0, tasks["denoise_50"]
+    # Measured: dehaze 15.9 dB against 10.1; sigma-50 noise 20.5 dB against 14.9, LPIPS 0.52 against 0.69.
+    assert tasks["dehaze"]["dod"]["psnr"] > tasks["dehaze"]["lq"]["psnr"] + 4.0, tasks["dehaze"]
+    assert tasks["denoise_50"]["dod"]["psnr"] > tasks["denoise_50"]["lq"]["psnr"] + 4.0, tasks["denoise_50"]
     assert tasks["denoise_50"]["dod"]["lpips_vgg"] < tasks["denoise_50"]["lq"]["lpips_vgg"], tasks["denoise_50"]
     columns = ["dehaze", "derain", "denoise_15", "denoise_25", "denoise_50"]
     assert list(results["tasks"]) == columns + ["average"] and len(results["images"]) == 10
