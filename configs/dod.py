@@ -79,6 +79,10 @@ def get_config() -> ConfigDict:
         "remat": False,             # rematerialise UNet / VAE blocks in the backward pass
         "dtype": "float32",         # compute dtype (bfloat16 on accelerators); parameters stay float32
         "lr": 5e-5, "fake_lr": 5e-5, "betas": (0.9, 0.999), "weight_decay": 1e-2,
+        # Both optimisers' learning rate over the run: 'constant' (the authors' code) or 'cosine'
+        # (linear warm-up from 0 over `warmup` steps, then cosine decay to final_lr_fraction x lr
+        # at train.steps). A resumed run continues the schedule where it stopped.
+        "lr_schedule": "constant", "warmup": 0, "final_lr_fraction": 0.0,
         "clip": 1.0, "fake_clip": 1.0,
         "loss_weights": "code",     # code: l2 2, lpips 5, dmd 1, ssim 0.1; paper: 1, 2, 1, 0.2
         # explicit overrides of single weights (typed placeholders, so --config.train.weights.lpips=0 works)

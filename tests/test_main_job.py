@@ -1,11 +1,10 @@
 """The main job as `make demo` runs it (its command, its default config, the shipped base):
-DOD trained in its two stages on the demo base restores structure the LQ input lost (SSIM
-on average; PSNR and LPIPS-VGG on the heavy degradations: haze, sigma-50 noise) and writes the
-table, the sheets and the loss plot. On the light degradations the tiny base's VAE (about
-19-20 dB on clean photos) is below the input, so the average PSNR and LPIPS are not yet
-better (README, "The demo's base")."""
+DOD trained in its two stages on the demo base beats the LQ input on average over the demo
+test photos in PSNR, SSIM and LPIPS-VGG, by far on the heavy degradations (haze, sigma-50
+noise), and writes the table, the sheets and the loss plot."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,22 +15,27 @@ from conftest import ROOT
 
 
 def test_the_main_job_trains_dod_on_the_demo_base_and_restores_what_the_input_lost(tmp_path):
+    # XLA's flags as `make demo` has them: the suite's eight virtual CPU devices change the
+    # floating-point sums enough that the training takes another path (measured: LPIPS-VGG 0.421
+    # instead of 0.406, PSNR 19.11 instead of 19.86 dB).
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     result = subprocess.run([sys.executable, "-m", "dod_jax.demo", f"--workdir={tmp_path}"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=1800)
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    # The reconstruction term falls in both stages (stage 1, measured: 0.302 at step 10, 0.131 at
-    # 300); stage 1's total need not, as its DMD term grows from 0 while the fake score learns.
+    # The reconstruction term falls in both stages (measured: stage 1 0.302 at step 10, 0.090 at
+    # 200; stage 2 0.120 at step 10, 0.029 at 300); stage 1's total need not, as its DMD term grows from 0 while the fake score learns.
     for stage in ("stage1", "stage2"):
         assert summary["training"][stage]["last"]["mse"] < summary["training"][stage]["first"]["mse"], summary["training"]
     average = summary["evaluation"]
-    assert average["dod"]["psnr"] > average["lq"]["psnr"] + 0.5, average  # measured 19.66 against 18.36 dB
-    assert average["dod"]["ssim"] > average["lq"]["ssim"] + 0.08, average  # measured 0.591 against 0.445
-    assert summary["dod_better_than_lq"]["ssim"] and set(summary["dod_better_than_lq"]) == {"psnr", "ssim", "lpips_vgg"}
+    assert average["dod"]["psnr"] > average["lq"]["psnr"] + 1.0, average  # measured 19.86 against 18.36 dB
+    assert average["dod"]["ssim"] > average["lq"]["ssim"] + 0.12, average  # measured 0.635 against 0.445
+    assert average["dod"]["lpips_vgg"] < average["lq"]["lpips_vgg"] - 0.015, average  # measured 0.406 against 0.434
+    assert summary["dod_better_than_lq"] == {"psnr": True, "ssim": True, "lpips_vgg": True}, summary
 
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     tasks = results["tasks"]
-    # Measured: dehaze 15.9 dB against 10.1; sigma-50 noise 20.5 dB against 14.9, LPIPS 0.52 against 0.69.
+    # Measured: dehaze 16.7 dB against 10.1; sigma-50 noise 20.1 dB against 14.9, LPIPS 0.50 against 0.69.
     assert tasks["dehaze"]["dod"]["psnr"] > tasks["dehaze"]["lq"]["psnr"] + 4.0, tasks["dehaze"]
     assert tasks["denoise_50"]["dod"]["psnr"] > tasks["denoise_50"]["lq"]["psnr"] + 4.0, tasks["denoise_50"]
     assert tasks["denoise_50"]["dod"]["lpips_vgg"] < tasks["denoise_50"]["lq"]["lpips_vgg"], tasks["denoise_50"]

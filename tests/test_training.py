@@ -4,6 +4,7 @@ resumes exactly, and stage 2 starts from stage 1's checkpoint (the main job: tes
 
 import dataclasses
 import json
+import math
 
 import jax
 import numpy as np
@@ -18,7 +19,7 @@ from dod_jax.dod.build import base_models
 from dod_jax.dod.model import trainable
 from dod_jax.training import checkpoints as ckpt
 from dod_jax.training.loop import compile_step, place, run, training_model
-from dod_jax.training.steps import LOSS_WEIGHTS, Stage, loss_weights
+from dod_jax.training.steps import LOSS_WEIGHTS, Stage, learning_rate, loss_weights
 from dod_jax.losses.lpips import LPIPS
 from dod_jax.models.layers import NumpyRngs
 
@@ -122,6 +123,27 @@ def test_loss_weight_presets():
     config.train.loss_weights = "papers"
     with pytest.raises(ValueError, match="code.*paper"):
         loss_weights(config.train)
+
+
+def test_the_cosine_schedule_warms_up_then_decays_and_the_step_follows_it():
+    lr, steps, warmup, final = 1e-3, 50, 10, 0.1
+    schedule = learning_rate(lr, steps, "cosine", warmup, final)
+    expected = [lr * t / warmup if t < warmup else
+                lr * final + lr * (1 - final) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (steps - warmup)))
+                for t in range(steps + 1)]
+    np.testing.assert_allclose([float(schedule(t)) for t in range(steps + 1)], expected, rtol=1e-5, atol=1e-12)
+    assert learning_rate(lr, steps) == lr  # 'constant', the authors'
+    with pytest.raises(ValueError, match="lr_schedule.*constant.*cosine"):
+        learning_rate(lr, steps, "linear")
+
+    # in a stage's step: the first update of a warm-up from 0 moves nothing, the second does
+    stage_obj, state, frozen = setup("stage2", steps=10, lr_schedule="cosine", warmup=2)
+    step = jax.jit(stage_obj.train_step)
+    first, _, _ = step(state, frozen, batch_of(3))
+    second, _, _ = step(first, frozen, batch_of(3, seed=1))
+    moved = lambda a, b: max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+                             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert moved(first.params, state.params) == 0.0 and moved(second.params, first.params) > 1e-4
 
 
 def run_config(stage="stage1", **train):

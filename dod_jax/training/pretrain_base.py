@@ -41,7 +41,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm import tqdm
 
@@ -59,6 +58,7 @@ from dod_jax.image_ops import to_uint8
 from dod_jax.losses.lpips import load_lpips
 from dod_jax.models.layers import NumpyRngs
 from dod_jax.schedule import DDPMSchedule
+from dod_jax.training.steps import learning_rate, optimizer
 from dod_jax.weights.adm import save_adm
 from dod_jax.weights.diffusers import SDPipeline, save_pipeline
 
@@ -80,9 +80,8 @@ def demo_batches(root: Path, recipe, crop: int, units: int) -> TrainBatches:
 
 
 def adamw(recipe, lr: float, steps: int):
-    warmup = min(recipe.warmup, steps // 2)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * recipe.final_lr_fraction)
-    return optax.chain(optax.clip_by_global_norm(recipe.clip), optax.adamw(schedule, weight_decay=recipe.weight_decay))
+    schedule = learning_rate(lr, steps, "cosine", recipe.warmup, recipe.final_lr_fraction)
+    return optimizer(schedule, recipe.weight_decay, recipe.clip)
 
 
 def kl_divergence(posterior) -> jax.Array:

@@ -48,8 +48,22 @@ def loss_weights(train_cfg) -> dict[str, float]:
     return weights
 
 
-def optimizer(lr: float, weight_decay: float, clip: float | None, b1: float = 0.9, b2: float = 0.999):
-    """AdamW with a constant learning rate after global-norm clipping (None: no clipping)."""
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(lr: float, steps: int, schedule: str = "constant", warmup: int = 0, final_fraction: float = 0.0):
+    """`lr` as optax takes it: 'constant' (the authors' code), or 'cosine': linear warm-up from 0
+    over `warmup` steps (at most half the run), then cosine decay to `final_fraction` x lr at `steps`."""
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ConfigError(f"train.lr_schedule must be one of {list(LR_SCHEDULES)}, got {schedule!r}")
+    warmup = min(warmup, steps // 2)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * final_fraction)
+
+
+def optimizer(lr, weight_decay: float, clip: float | None, b1: float = 0.9, b2: float = 0.999):
+    """AdamW after global-norm clipping (None: no clipping); `lr` a number or an optax schedule."""
     adamw = optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay)
     return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip else adamw
 
@@ -112,8 +126,10 @@ class Stage:
         if stage1 and weights["lpips"] and lpips is None:
             raise ConfigError("stage 1 with an LPIPS weight needs the LPIPS network (train.lpips_weights)")
         lpips_graphdef, lpips_state = nnx.split(lpips) if lpips is not None else (None, None)
-        gen_tx = optimizer(train_cfg.lr, train_cfg.weight_decay, train_cfg.clip, *train_cfg.betas)
-        fake_tx = optimizer(train_cfg.fake_lr, train_cfg.weight_decay, train_cfg.fake_clip, *train_cfg.betas)
+        schedule = lambda lr: learning_rate(lr, train_cfg.steps, train_cfg.lr_schedule, train_cfg.warmup,
+                                            train_cfg.final_lr_fraction)
+        gen_tx = optimizer(schedule(train_cfg.lr), train_cfg.weight_decay, train_cfg.clip, *train_cfg.betas)
+        fake_tx = optimizer(schedule(train_cfg.fake_lr), train_cfg.weight_decay, train_cfg.fake_clip, *train_cfg.betas)
         self = cls(stage, graphdef, lpips_graphdef, weights, gen_tx, fake_tx, train_cfg.micro_batches,
                    train_cfg.fake_updates if stage1 else 0, train_cfg.get("clamp_output", True))
         state = TrainState(
