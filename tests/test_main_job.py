@@ -24,7 +24,8 @@ def test_the_main_job_trains_dod_on_the_demo_base_and_restores_what_the_input_lo
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     # The reconstruction term falls in both stages (measured: stage 1 0.302 at step 10, 0.090 at
-    # 200; stage 2 0.120 at step 10, 0.029 at 300); stage 1's total need not, as its DMD term grows from 0 while the fake score learns.
+    # 200; stage 2 0.120 at step 10, 0.029 at 300); stage 1's total need not, as its DMD term
+    # grows from 0 while the fake score learns.
     for stage in ("stage1", "stage2"):
         assert summary["training"][stage]["last"]["mse"] < summary["training"][stage]["first"]["mse"], summary["training"]
     average = summary["evaluation"]
