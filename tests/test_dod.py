@@ -64,7 +64,7 @@ def test_at_initialisation_dod_is_the_plain_sd_one_step_and_dems_hook_in(zero_w_
     context = jnp.broadcast_to(jnp.asarray(base.prompt_embeddings["prompt"]), (2, 77, 64))
     expected = np.asarray(plain(plain_state, lq, context))
     assert restored.shape == (2, SIZE, SIZE, 3)
-    # The two graphs fuse differently (XLA:CPU's YNNPACK dots round per fusion), and x0 carries
+    # The two graphs fuse differently (XLA rounds per fusion), and x0 carries
     # eps's rounding times 1/sqrt(alpha_bar) = 14.6: end-to-end float32 agreement, as elsewhere.
     np.testing.assert_allclose(restored, expected, atol=1e-4)
 

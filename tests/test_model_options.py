@@ -92,7 +92,7 @@ def test_chunked_attention_equals_whole_attention(tokens, dtype):
     # Self-attention over more queries than one chunk (a ragged last chunk and whole chunks),
     # and cross-attention to a short context, against jax's unchunked attention of the same
     # inputs in float32: as close as jax's own attention in the same dtype (in bfloat16 the two
-    # round differently, more so on XLA:CPU's YNNPACK path, so neither is the other's truth).
+    # round differently, so neither is the other's truth).
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(3 * rng.standard_normal((2, n, 3, 16)), dtype) for n in (tokens, tokens, tokens))
     short_k, short_v = (jnp.asarray(rng.standard_normal((2, 7, 3, 16)), dtype) for _ in range(2))

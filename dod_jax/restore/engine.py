@@ -102,6 +102,18 @@ class RestoreSettings:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
+def merge_generator(graphdef: nnx.GraphDef, state: nnx.State, lq):
+    """(graphdef, state) of the DOD model (graphdef, state) with its generator folded into the
+    base weights for one image `lq` (dod.model.DOD.merge_generator, M_theta's modulation from
+    what the MFM sees of it). Jit it alone and pass its output to the restore as inputs: a fold
+    computed in the same compiled function as the forward puts `x @ (W0 + A diag(gamma) B)` in
+    one XLA computation, which the opt-in YNNPACK dot fusion gets wrong at SD 2.1 widths
+    (dod_jax/__init__.py)."""
+    model = nnx.merge(graphdef, state)
+    model.merge_generator(model.film(lq))
+    return nnx.split(model)
+
+
 def content_seed(image: np.ndarray) -> int:
     """A number drawn from an image's pixels: its posterior noise is folded from it."""
     return zlib.crc32(np.ascontiguousarray(image).tobytes()) & 0x7FFFFFFF
@@ -142,9 +154,8 @@ class Restorer:
             m = dod(state)
             return m.restore(lq, film, noise(m, lq, seeds), use_hde)
 
-        def merged(state, lq, seeds):
-            m = dod(state)
-            m.merge_generator(m.film(lq))
+        def merged(merged_graphdef, merged_state, lq, seeds):
+            m = nnx.merge(merged_graphdef, merged_state)
             return m.restore(lq, None, noise(m, lq, seeds), use_hde)
 
         def decode_tile(state, lq, x0, film):
@@ -156,7 +167,8 @@ class Restorer:
             return dod(state).decode(x0, skips, use_hde)
 
         self._whole = jax.jit(whole)
-        self._merged = jax.jit(merged)
+        self._merged = jax.jit(merged, static_argnums=0)
+        self._merge = jax.jit(lambda state, lq: merge_generator(graphdef, state, lq))
         self._film = jax.jit(lambda state, mfm_input: dod(state).film(mfm_input))
         self._feature = jax.jit(lambda state, lq: dod(state).degradation_feature(lq))
         self._modulate = jax.jit(lambda state, c: dod(state).modulator(c))
@@ -238,13 +250,16 @@ class Restorer:
     def time(self, size: int = 512, batch: int = 1, runs: int = 10, warmup: int = 2, merged: bool = False) -> dict:
         """Latency of the whole-image path on random images of size x size (after `warmup`
         compiled calls): seconds per batch and per image, images per second. `merged` folds
-        CLoRA into the weights inside the timed call (batch 1, as per-image merging needs)."""
+        CLoRA into the weights for the image (its own compiled call, timed with the restore; batch
+        1, as per-image merging needs) and restores with the merged weights."""
         if merged and batch != 1:
             raise ValueError("merged CLoRA restores one image per call: batch must be 1")
         lq = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)), jnp.float32)
         seeds = jnp.arange(batch, dtype=jnp.uint32)
         if merged:
-            call = lambda: self._merged(self.state, lq, seeds)
+            def call():
+                merged_graphdef, merged_state = self._merge(self.state, lq)
+                return self._merged(merged_graphdef, merged_state, lq, seeds)
         else:
             film = self._film(self.state, lq) if self.conditional else None
             call = lambda: self._whole(self.state, lq, film, seeds)

@@ -1,0 +1,118 @@
+"""Merged against unmerged CLoRA on a DOD whose UNet has SD 2.1's widths (320, 640, 1280) on the
+tiny config otherwise, with B and M_theta moved off their initialisation (so every image gets its
+own gamma and beta, and the fold is not plain LoRA's).
+
+At 64-pixel images the 320-wide level attends over 64 tokens; at 256 pixels the 640-wide level
+over 256 and the 1280-wide mid block over 64: the shapes at which the opt-in YNNPACK dot fusion
+computes `x @ (A @ B)` wrongly (dod_jax/__init__.py). Per image, the restoration (encoder LoRA,
+UNet CLoRA in its Linear and Conv2d layers, trained conv_in, decoder with DEMs) is compared three
+ways:
+
+    unmerged       the adapter branches, a batch of images in one call
+    merged         dod_jax.restore.engine.merge_generator in its own compiled call, the merged
+                   weights passed to the forward as inputs (what dod-jax does)
+    merged_in_jit  the fold and the forward in one compiled call (what dod-jax did)
+
+`python tests/merge_check.py OUT.npz` prints the relative errors as JSON and saves the unmerged
+restorations, so that the suite can run the check in a process with other XLA options and hold
+its restorations against the default process's (tests/test_xla_options.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = (64, 256)  # pixels; the latents are 1/8 of that
+
+
+def widened_dod():
+    """The tiny DOD with a UNet of SD 2.1-base's widths (one layer per block, 64-dim heads), random
+    base weights, the generator's B and the trained conv_in off their inits, M_theta's weights
+    random at unit fan-in scale."""
+    from dod_jax.configs import load_config
+    from dod_jax.dod import GENERATOR, build_dod, random_base
+    from dod_jax import adapters
+
+    config = load_config(ROOT / "configs" / "tiny.py")
+    config.unet.update({"block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
+                        "layers_per_block": 1})
+    config.dod.latent = "mode"
+    model = build_dod(config, random_base(config, seed=0), seed=0)
+    rng = np.random.default_rng(1)
+    for _, _, adapter in list(adapters.adapted(model.unet, GENERATOR)) + list(adapters.adapted(model.vae, GENERATOR)):
+        if isinstance(adapter, adapters.TrainedCopy):
+            k = adapter.copy.kernel
+            k.set_value(k[...] + jnp.asarray(rng.standard_normal(k.shape) * 0.01, jnp.float32))
+        else:
+            b = adapter.lora_B.kernel
+            b.set_value(jnp.asarray(rng.standard_normal(b.shape) * 0.05, jnp.float32))
+    for path, param in nnx.to_flat_state(nnx.state(model.modulator, nnx.Param)):
+        value = param[...]
+        fan_in = value.shape[0] if value.ndim == 2 else 1
+        param.set_value(jnp.asarray(rng.standard_normal(value.shape) / np.sqrt(fan_in), jnp.float32))
+    return model
+
+
+def two_images(size: int) -> np.ndarray:
+    """Two unlike images (uniform noise; a smooth colour ramp), so M_theta modulates them apart."""
+    rng = np.random.default_rng(size)
+    ramp = np.linspace(-0.8, 0.8, size)
+    smooth = np.stack([ramp[:, None] + 0 * ramp, 0 * ramp[:, None] + ramp, np.outer(ramp, ramp)], axis=-1)
+    return np.stack([rng.uniform(-1, 1, (size, size, 3)), smooth + rng.normal(0, 0.02, smooth.shape)])
+
+
+def restorations(model) -> tuple[dict, dict]:
+    """({size: {"merged": e, "merged_in_jit": e, "film_spread": s}}, {size: unmerged images}):
+    the largest relative error of each merged path's restoration against the unmerged one over
+    two images, how far apart the two images' modulations are (max abs difference of M_theta's
+    outputs), and the unmerged restorations themselves."""
+    from dod_jax.restore.engine import merge_generator
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def unmerged(state, lq):
+        m = nnx.merge(graphdef, state)
+        film = m.film(lq)
+        return m.restore(lq, film), film
+
+    merge = jax.jit(lambda state, lq: merge_generator(graphdef, state, lq))
+    merged = jax.jit(lambda g, s, lq: nnx.merge(g, s).restore(lq, None), static_argnums=0)
+
+    @jax.jit
+    def merged_in_jit(state, lq):
+        m = nnx.merge(graphdef, state)
+        m.merge_generator(m.film(lq))
+        return m.restore(lq, None)
+
+    errors, images = {}, {}
+    for size in SIZES:
+        lq = jnp.asarray(two_images(size), jnp.float32)
+        want, film = (np.asarray(a, np.float64) for a in unmerged(state, lq))
+        scale = np.abs(want).max()
+        found = {"merged": 0.0, "merged_in_jit": 0.0}
+        for i in range(2):
+            image = lq[i:i + 1]
+            got = {"merged": merged(*merge(state, image), image), "merged_in_jit": merged_in_jit(state, image)}
+            for name, restored in got.items():
+                error = np.abs(np.asarray(restored[0], np.float64) - want[i]).max() / scale
+                found[name] = max(found[name], float(error))
+        errors[size] = {**found, "film_spread": float(np.abs(film[:, 0] - film[:, 1]).max())}
+        images[size] = want
+    return errors, images
+
+
+if __name__ == "__main__":
+    # python tests/merge_check.py OUT.npz: the errors as JSON on stdout, the unmerged restorations in OUT.npz
+    sys.path.insert(0, str(ROOT))
+    found, restored = restorations(widened_dod())
+    np.savez(sys.argv[1], **{str(size): images for size, images in restored.items()})
+    print(json.dumps(found))
