@@ -2,15 +2,21 @@
 peft, their module names), with random non-trivial weights everywhere, saved as their code
 saves it, imported by `python -m dod_jax.weights.official import`: dod-jax restores the same
 images, for a stage-1 and a stage-1+2 bundle, at the posterior mode and with the same
-posterior noise on both sides; and what dod-jax exports loads into the re-statement and
-restores the same image there."""
+posterior noise on both sides, on the micro and tiny configs and at the full SD 2.1-base +
+ADM-256 config (256 x 256); and what dod-jax exports loads into the re-statement and restores
+the same image there."""
 
 from __future__ import annotations
 
+import gc
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+
+from flax import nnx
 
 from conftest import nchw, nhwc
 from dod_jax.configs import load_config
@@ -88,3 +94,40 @@ def test_what_dod_jax_exports_runs_in_the_authors_model(released, tmp_path):
         got = nhwc(fresh(nchw(lq)))
     assert np.abs(before - expected).max() > 1e-2  # the fresh model differed before loading
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_dod_jax_restores_what_the_authors_model_restores_at_full_size(tmp_path):
+    """SD 2.1-base + ADM-256, a 256 x 256 image, the stage-1+2 bundle restoring with and without
+    its DEMs (stage 1), at the posterior mode (zero noise on the dod-jax side, the mean on the
+    PyTorch side) and with the same posterior noise. The random weight offsets are 0.02 of the
+    small configs' (at those the full-size activations overflow to NaN). The PyTorch model is
+    dropped before dod-jax loads the bundle, so the two full-size models are never held at once."""
+    folder = tmp_path / "authors"
+    folder.mkdir()
+    config = load_config(config_file(folder, "dod"))
+    reference = authors_model(config, folder, perturbation=0.02)
+    save_released(reference, config, folder)
+    lq = np.random.default_rng(0).uniform(-1, 1, (1, 256, 256, 3)).astype(np.float32)
+    noise = np.asarray(normal_per_sample(jax.random.key(11), (1, 32, 32, config.vae.latent_channels)))
+    cases = [(use_hde, latent) for use_hde in (False, True) for latent in ("mode", "sample")]
+    expected = {}
+    with torch.no_grad():
+        for use_hde, latent in cases:
+            expected[use_hde, latent] = nhwc(reference(nchw(lq), noise=nchw(noise) if latent == "sample" else None,
+                                                       use_dems=use_hde))
+            assert np.abs(expected[use_hde, latent]).std() > 0.05
+    del reference
+    gc.collect()
+
+    loaded = imported(folder, tmp_path / "bundle", True)
+    graphdef, state = nnx.split(loaded.model)
+    restore = jax.jit(lambda state, lq, noise, use_hde: (m := nnx.merge(graphdef, state)).restore(
+        lq, m.film(lq), noise, use_hde), static_argnums=3)
+    errors = {}
+    for use_hde, latent in cases:
+        given = noise if latent == "sample" else np.zeros_like(noise)  # mean + std * 0 is the mode
+        got = np.clip(np.asarray(restore(state, jnp.asarray(lq), jnp.asarray(given), use_hde)), -1, 1)
+        errors[("stage1+2" if use_hde else "stage1", latent)] = float(np.abs(got - expected[use_hde, latent]).max())
+    print(f"full size, max abs errors: {errors}")
+    assert max(errors.values()) < 2e-4, errors
