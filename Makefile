@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test fullsize bench clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,11 @@ demo: $(VENV)/.core $(LPIPS_WEIGHTS)
 	$(PY) -m dod_jax.demo --workdir runs/demo
 
 test: $(VENV)/.test $(LPIPS_WEIGHTS)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 -m "not fullsize" tests
+
+# The authors' DOD against dod-jax at the full config, alone (bench/results/README.md records it).
+fullsize: $(VENV)/.test
+	$(PY) -m pytest -q -s -m fullsize tests
 
 bench: $(VENV)/.test $(LPIPS_WEIGHTS)
 	$(PY) bench/forward.py

@@ -29,6 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dod_jax import adapters
+from dod_jax.configs import load_config
+from dod_jax.dod import GENERATOR, build_dod, random_base
+from dod_jax.restore.engine import merge_generator
+
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = (64, 256)  # pixels; the latents are 1/8 of that
 
@@ -37,10 +42,6 @@ def widened_dod():
     """The tiny DOD with a UNet of SD 2.1-base's widths (one layer per block, 64-dim heads), random
     base weights, the generator's B and the trained conv_in off their inits, M_theta's weights
     random at unit fan-in scale."""
-    from dod_jax.configs import load_config
-    from dod_jax.dod import GENERATOR, build_dod, random_base
-    from dod_jax import adapters
-
     config = load_config(ROOT / "configs" / "tiny.py")
     config.unet.update({"block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
                         "layers_per_block": 1})
@@ -54,7 +55,7 @@ def widened_dod():
         else:
             b = adapter.lora_B.kernel
             b.set_value(jnp.asarray(rng.standard_normal(b.shape) * 0.05, jnp.float32))
-    for path, param in nnx.to_flat_state(nnx.state(model.modulator, nnx.Param)):
+    for _, param in nnx.to_flat_state(nnx.state(model.modulator, nnx.Param)):
         value = param[...]
         fan_in = value.shape[0] if value.ndim == 2 else 1
         param.set_value(jnp.asarray(rng.standard_normal(value.shape) / np.sqrt(fan_in), jnp.float32))
@@ -74,8 +75,6 @@ def restorations(model) -> tuple[dict, dict]:
     the largest relative error of each merged path's restoration against the unmerged one over
     two images, how far apart the two images' modulations are (max abs difference of M_theta's
     outputs), and the unmerged restorations themselves."""
-    from dod_jax.restore.engine import merge_generator
-
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -112,7 +111,6 @@ def restorations(model) -> tuple[dict, dict]:
 
 if __name__ == "__main__":
     # python tests/merge_check.py OUT.npz: the errors as JSON on stdout, the unmerged restorations in OUT.npz
-    sys.path.insert(0, str(ROOT))
     found, restored = restorations(widened_dod())
     np.savez(sys.argv[1], **{str(size): images for size, images in restored.items()})
     print(json.dumps(found))

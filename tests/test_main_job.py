@@ -2,8 +2,8 @@
 DOD trained in its two stages on the demo base beats the LQ input on average over the demo
 test photos in SSIM and LPIPS-VGG, by far in PSNR on the heavy degradations (haze, sigma-50
 noise), and writes the table, the sheets and the loss plot. Its average PSNR is not asserted:
-it swings by more than its margin over the input with the floating-point order (README, "The
-main job")."""
+it swings by more than its margin over the input with the floating-point order (README, below
+the main job's table)."""
 
 import json
 import os

@@ -96,7 +96,7 @@ def test_what_dod_jax_exports_runs_in_the_authors_model(released, tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.fullsize
 def test_dod_jax_restores_what_the_authors_model_restores_at_full_size(tmp_path):
     """SD 2.1-base + ADM-256, a 256 x 256 image, the stage-1+2 bundle restoring with and without
     its DEMs (stage 1), at the posterior mode (zero noise on the dod-jax side, the mean on the
