@@ -54,7 +54,6 @@ def jax_restorers(model):
     seconds the folds took."""
     graphdef, state = nnx.split(model)
     unmerged = jax.jit(lambda state, lq: nnx.merge(graphdef, state)(lq))
-    merge = jax.jit(lambda state, lq: merge_generator(graphdef, state, lq))
     restore = jax.jit(lambda merged_graphdef, merged_state, lq: nnx.merge(merged_graphdef, merged_state)(lq),
                       static_argnums=0)
 
@@ -62,7 +61,7 @@ def jax_restorers(model):
         images, fold_s = [], 0.0
         for i in range(lq.shape[0]):  # the fold is per image
             start = time.perf_counter()
-            merged_graphdef, merged_state = jax.block_until_ready(merge(state, lq[i:i + 1]))
+            merged_graphdef, merged_state = jax.block_until_ready(merge_generator(graphdef, state, lq[i:i + 1]))
             fold_s += time.perf_counter() - start
             images.append(restore(merged_graphdef, merged_state, lq[i:i + 1]))
         return jnp.concatenate(images), fold_s

@@ -38,6 +38,24 @@ ROOT = Path(__file__).resolve().parent.parent
 SIZES = (64, 256)  # pixels; the latents are 1/8 of that
 
 
+def randomise_generator_b(model, seed=1, scale=0.05):
+    """B is zero at init, which hides every adapter path; give it values as training would."""
+    rng = np.random.default_rng(seed)
+    for sub in (model.unet, model.vae):
+        for lora in loras(sub, GENERATOR):
+            b = lora.lora_B.kernel
+            b.set_value(jnp.asarray(rng.standard_normal(b.shape) * scale, jnp.float32))
+    for _, _, adapter in adapters.adapted(model.unet, GENERATOR):
+        if isinstance(adapter, adapters.TrainedCopy):  # the trained conv_in, moved off the base
+            k = adapter.copy.kernel
+            k.set_value(k[...] + jnp.asarray(rng.standard_normal(k.shape) * scale, jnp.float32))
+
+
+def loras(model, name):
+    """The (C)LoRA branches of adapter set `name` (the set also holds the trained copy of conv_in)."""
+    return [a for _, _, a in adapters.adapted(model, name) if isinstance(a, adapters.LoRA)]
+
+
 def widened_dod():
     """The tiny DOD with a UNet of SD 2.1-base's widths (one layer per block, 64-dim heads), random
     base weights, the generator's B and the trained conv_in off their inits, M_theta's weights
@@ -47,14 +65,8 @@ def widened_dod():
                         "layers_per_block": 1})
     config.dod.latent = "mode"
     model = build_dod(config, random_base(config, seed=0), seed=0)
+    randomise_generator_b(model)
     rng = np.random.default_rng(1)
-    for _, _, adapter in list(adapters.adapted(model.unet, GENERATOR)) + list(adapters.adapted(model.vae, GENERATOR)):
-        if isinstance(adapter, adapters.TrainedCopy):
-            k = adapter.copy.kernel
-            k.set_value(k[...] + jnp.asarray(rng.standard_normal(k.shape) * 0.01, jnp.float32))
-        else:
-            b = adapter.lora_B.kernel
-            b.set_value(jnp.asarray(rng.standard_normal(b.shape) * 0.05, jnp.float32))
     for _, param in nnx.to_flat_state(nnx.state(model.modulator, nnx.Param)):
         value = param[...]
         fan_in = value.shape[0] if value.ndim == 2 else 1
@@ -83,7 +95,6 @@ def restorations(model) -> tuple[dict, dict]:
         film = m.film(lq)
         return m.restore(lq, film), film
 
-    merge = jax.jit(lambda state, lq: merge_generator(graphdef, state, lq))
     merged = jax.jit(lambda g, s, lq: nnx.merge(g, s).restore(lq, None), static_argnums=0)
 
     @jax.jit
@@ -100,7 +111,7 @@ def restorations(model) -> tuple[dict, dict]:
         found = {"merged": 0.0, "merged_in_jit": 0.0}
         for i in range(2):
             image = lq[i:i + 1]
-            got = {"merged": merged(*merge(state, image), image), "merged_in_jit": merged_in_jit(state, image)}
+            got = {"merged": merged(*merge_generator(graphdef, state, image), image), "merged_in_jit": merged_in_jit(state, image)}
             for name, restored in got.items():
                 error = np.abs(np.asarray(restored[0], np.float64) - want[i]).max() / scale
                 found[name] = max(found[name], float(error))

@@ -14,6 +14,7 @@ from dod_jax.configs import load_config
 from dod_jax.dod import GENERATOR, abstract_dod, build_dod, parameter_counts, random_base, trainable
 from dod_jax.dod.model import STAGE_GROUPS
 from dod_jax.forward_demo import one_step
+from merge_check import loras, randomise_generator_b
 
 SIZE = 64
 
@@ -29,19 +30,6 @@ def tiny_dod(**dod_overrides):
 
 def lq_batch(n=2, seed=0):
     return jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, (n, SIZE, SIZE, 3)), jnp.float32)
-
-
-def randomise_generator_b(model, seed=1, scale=0.05):
-    """B is zero at init, which hides every adapter path; give it values as training would."""
-    rng = np.random.default_rng(seed)
-    for sub in (model.unet, model.vae):
-        for lora in loras(sub, GENERATOR):
-            b = lora.lora_B.kernel
-            b.set_value(jnp.asarray(rng.standard_normal(b.shape) * scale, jnp.float32))
-    for _, _, adapter in adapters.adapted(model.unet, GENERATOR):
-        if isinstance(adapter, adapters.TrainedCopy):  # the trained conv_in, moved off the base
-            k = adapter.copy.kernel
-            k.set_value(k[...] + jnp.asarray(rng.standard_normal(k.shape) * scale, jnp.float32))
 
 
 def restore_fn(model):
@@ -182,8 +170,3 @@ def test_stage1_lora_counts_on_sd21_match_peft_rule_on_diffusers_unet():
     assert len(model.unet_adapted) == layers
     assert parameter_counts(model)["stage1/unet_clora"] == expected
     assert parameter_counts(model)["stage1/unet_conv_in"] == 4 * 320 * 9 + 320
-
-
-def loras(model, name):
-    """The (C)LoRA branches of adapter set `name` (the set also holds the trained copy of conv_in)."""
-    return [a for _, _, a in adapters.adapted(model, name) if isinstance(a, adapters.LoRA)]

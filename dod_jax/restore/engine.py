@@ -31,6 +31,7 @@ PRESETS name sets of settings; 'official' is the authors' inference in one word.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import zlib
 from typing import Callable, Iterable
@@ -102,10 +103,11 @@ class RestoreSettings:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def merge_generator(graphdef: nnx.GraphDef, state: nnx.State, lq):
     """(graphdef, state) of the DOD model (graphdef, state) with its generator folded into the
     base weights for one image `lq` (dod.model.DOD.merge_generator, M_theta's modulation from
-    what the MFM sees of it). Jit it alone and pass its output to the restore as inputs: a fold
+    what the MFM sees of it), compiled on its own: pass its output to the restore as inputs. A fold
     computed in the same compiled function as the forward puts `x @ (W0 + A diag(gamma) B)` in
     one XLA computation, which the opt-in YNNPACK dot fusion gets wrong at SD 2.1 widths
     (dod_jax/__init__.py)."""
@@ -142,6 +144,7 @@ class Restorer:
         self.latent_scale = model.vae.config.downscale  # pixels per latent
         self.latent_channels = model.vae.config.latent_channels
         graphdef, self.state = nnx.split(model)
+        self.graphdef = graphdef
         dod = lambda state: nnx.merge(graphdef, state)
         seed = self.settings.seed
 
@@ -168,7 +171,6 @@ class Restorer:
 
         self._whole = jax.jit(whole)
         self._merged = jax.jit(merged, static_argnums=0)
-        self._merge = jax.jit(lambda state, lq: merge_generator(graphdef, state, lq))
         self._film = jax.jit(lambda state, mfm_input: dod(state).film(mfm_input))
         self._feature = jax.jit(lambda state, lq: dod(state).degradation_feature(lq))
         self._modulate = jax.jit(lambda state, c: dod(state).modulator(c))
@@ -258,7 +260,7 @@ class Restorer:
         seeds = jnp.arange(batch, dtype=jnp.uint32)
         if merged:
             def call():
-                merged_graphdef, merged_state = self._merge(self.state, lq)
+                merged_graphdef, merged_state = merge_generator(self.graphdef, self.state, lq)
                 return self._merged(merged_graphdef, merged_state, lq, seeds)
         else:
             film = self._film(self.state, lq) if self.conditional else None
