@@ -87,7 +87,9 @@ def demo(config, work: Path, steps: dict[str, int | None], eval_per_task: int | 
         if stage == "stage2":
             stage_config.train.init_from = str(work / "stage1" / "checkpoints")
         print(f"== {stage}: {stage_config.train.steps} steps", flush=True)
-        run(stage_config, work / stage)
+        if run(stage_config, work / stage)["interrupted"]:  # SIGTERM / Ctrl-C: a checkpoint is saved
+            print(f"{stage} stopped early; running the demo again with --workdir {work} continues it", flush=True)
+            return 1
     print("== evaluation on the demo test photos", flush=True)
     results = evaluate(config, work / "stage2" / "checkpoints", demo_root(work / "stage2"), work / "eval",
                        eval_per_task)

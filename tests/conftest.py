@@ -3,6 +3,7 @@ written with save_pretrained() into temporary folders, and layout conversions.""
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -58,6 +59,18 @@ def compilation_cache(tmp_path_factory):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = directory  # for subprocesses
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "2"
     return directory
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_functions():
+    """After each test file, drop JAX's in-memory executables and traced functions: a worker
+    otherwise keeps every file's compiled steps (6-9 GB by the suite's end), and the full-size
+    tests on top of that ran the 23 GiB machine out of memory. Files that compile the same
+    function again load it from the persistent cache."""
+    yield
+    import jax
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture
