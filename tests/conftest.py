@@ -3,6 +3,7 @@ written with save_pretrained() into temporary folders, and layout conversions.""
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 from pathlib import Path
@@ -71,6 +72,10 @@ def release_compiled_functions():
     import jax
     jax.clear_caches()
     gc.collect()
+    try:  # hand freed heap pages back to the system (glibc keeps them otherwise)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 @pytest.fixture

@@ -32,8 +32,14 @@ from peft import LoraConfig
 from torch import nn
 
 from adm_reference import ADMEncoderTorch
-from dod_jax.dod.official import vae_target_regex
 from torch_models import diffusers_model, perturb_
+
+# The authors' LoRA targets as ../shared/REFERENCE.md states them (their stage-1 checkpoint's
+# unet_lora_target_modules and vae_lora_target_modules): literals, not dod-jax's own lists, so a
+# target dropped from or added to configs/dod.py shows in the parity tests.
+AUTHORS_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                        "conv1", "conv2", "conv_shortcut", "conv", "conv_out")
+AUTHORS_VAE_REGEX = r"^encoder\..*(conv1|conv2|conv_in|conv_shortcut|conv|conv_out|to_k|to_q|to_v|to_out\.0)$"
 
 UNET_GROUPS = 10
 
@@ -198,12 +204,13 @@ class AuthorsDOD(nn.Module):
 
 # ------------------------------------------------------------------ a released model
 
-def config_file(folder, name: str):
+def config_file(folder, name: str, rank: int | None = None):
     """A config like configs/<name>.py whose MFM sees the LQ at full resolution (the authors'
-    code at test time), as --config for the import."""
+    code at test time), as --config for the import; `rank` replaces the LoRA rank (8)."""
     path = folder / f"{name}_full_mfm.py"
     path.write_text(f"from configs import {name}\n\n\ndef get_config():\n    config = {name}.get_config()\n"
-                    "    config.dod.mfm_size = 0\n    return config\n")
+                    "    config.dod.mfm_size = 0\n" + (f"    config.dod.rank = {rank}\n" if rank else "")
+                    + "    return config\n")
     return path
 
 
@@ -228,7 +235,7 @@ def authors_model(config, folder, seed=0, trained_seed=4, perturbation=1.0):
     prompt = torch.randn(1, config.prompt_length, config.unet.cross_attention_dim, generator=torch.Generator().manual_seed(seed))
     torch.save(prompt, folder / "prompt_embeds.pt")
     model = AuthorsDOD(unet, vae, adm, a.model_channels * a.channel_mult[-1], scheduler.alphas_cumprod, prompt,
-                       config.dod.rank, config.dod.unet_targets, vae_target_regex(config.dod.vae_targets)).eval()
+                       config.dod.rank, AUTHORS_UNET_TARGETS, AUTHORS_VAE_REGEX).eval()
     # Everything trained moves off its initialisation: B matrices, the UNet's trained conv_in,
     # M_theta (its prompts and biases too), the DEMs and their w, so a mix-up of any two shows.
     trained = {model.unet: lambda n: "lora" in n or n.startswith("conv_in."),
@@ -246,6 +253,5 @@ def authors_model(config, folder, seed=0, trained_seed=4, perturbation=1.0):
 
 def save_released(model: AuthorsDOD, config, folder):
     """stage1.pkl and stage2.pkl of `model`, as the authors' code saves them, into `folder`."""
-    vae_regex = vae_target_regex(config.dod.vae_targets)
-    torch.save(model.stage1_dict(config.dod.unet_targets, vae_regex), folder / "stage1.pkl")
+    torch.save(model.stage1_dict(AUTHORS_UNET_TARGETS, AUTHORS_VAE_REGEX), folder / "stage1.pkl")
     torch.save(model.stage2_dict(), folder / "stage2.pkl")

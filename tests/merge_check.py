@@ -51,6 +51,16 @@ def randomise_generator_b(model, seed=1, scale=0.05):
             k.set_value(k[...] + jnp.asarray(rng.standard_normal(k.shape) * scale, jnp.float32))
 
 
+def randomise_mtheta(model, seed=1):
+    """M_theta's weights random at unit fan-in scale: at the authors' initialisation (x 1e-5) every
+    image gets gamma = 1, beta = 0 to within 1e-10, and CLoRA is plain LoRA."""
+    rng = np.random.default_rng(seed)
+    for _, param in nnx.to_flat_state(nnx.state(model.modulator, nnx.Param)):
+        value = param[...]
+        fan_in = value.shape[0] if value.ndim == 2 else 1
+        param.set_value(jnp.asarray(rng.standard_normal(value.shape) / np.sqrt(fan_in), jnp.float32))
+
+
 def loras(model, name):
     """The (C)LoRA branches of adapter set `name` (the set also holds the trained copy of conv_in)."""
     return [a for _, _, a in adapters.adapted(model, name) if isinstance(a, adapters.LoRA)]
@@ -58,19 +68,14 @@ def loras(model, name):
 
 def widened_dod():
     """The tiny DOD with a UNet of SD 2.1-base's widths (one layer per block, 64-dim heads), random
-    base weights, the generator's B and the trained conv_in off their inits, M_theta's weights
-    random at unit fan-in scale."""
+    base weights, the generator's B, the trained conv_in and M_theta off their inits."""
     config = load_config(ROOT / "configs" / "tiny.py")
     config.unet.update({"block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
                         "layers_per_block": 1})
     config.dod.latent = "mode"
     model = build_dod(config, random_base(config, seed=0), seed=0)
     randomise_generator_b(model)
-    rng = np.random.default_rng(1)
-    for _, param in nnx.to_flat_state(nnx.state(model.modulator, nnx.Param)):
-        value = param[...]
-        fan_in = value.shape[0] if value.ndim == 2 else 1
-        param.set_value(jnp.asarray(rng.standard_normal(value.shape) / np.sqrt(fan_in), jnp.float32))
+    randomise_mtheta(model)
     return model
 
 

@@ -74,16 +74,34 @@ def test_dmd_trains_the_generator_latent_only_and_the_fake_loss_trains_the_fake_
     graphdef, params, rest = nnx.split(unet, nnx.Param, ...)
     key = jax.random.split(jax.random.key(0), 2)  # one key per sample
 
+    t_fake, noise_fake = draw_timesteps_and_noise(key, z.shape, 0, 999)  # the fake score's t range
+    abar = np.asarray(schedule.alphas_cumprod, np.float64)[np.asarray(t_fake)][:, None, None, None]
+    z_t = np.sqrt(abar) * np.asarray(z, np.float64) + np.sqrt(1 - abar) * np.asarray(noise_fake, np.float64)
+
     @jax.jit
     def grads(params, z):
         dmd = jax.grad(lambda p, z: dmd_loss(nnx.merge(graphdef, p, rest), schedule, z, key, prompt, negative,
                                              fake_set="fake"), argnums=(0, 1))(params, z)
-        fake = jax.grad(lambda p: fake_score_loss(nnx.merge(graphdef, p, rest), schedule, z, key, prompt,
-                                                  fake_set="fake"))(params)
-        return dmd, fake
+        fake_loss, fake = jax.value_and_grad(lambda p: fake_score_loss(nnx.merge(graphdef, p, rest), schedule, z,
+                                                                       key, prompt, fake_set="fake"))(params)
+        # the same draws and predictions, taken apart from the losses
+        unet = nnx.merge(graphdef, params, rest)
+        t, noise = draw_timesteps_and_noise(key, z.shape, 20, 979)  # DMD's t range
+        predictions = score_predictions(unet, schedule, z, t, noise, prompt, negative, fake_set="fake")
+        with adapters.select("fake"):
+            eps_fake = unet(jnp.asarray(z_t, jnp.float32), t_fake, prompt)
+        return dmd, (fake_loss, fake), predictions, eps_fake
 
-    (dmd_params, dmd_z), fake_params = grads(params, z)
-    assert float(jnp.abs(dmd_z).max()) > 0
+    (dmd_params, dmd_z), (fake_loss, fake_params), (x0_real, x0_fake), eps_fake = grads(params, z)
+    # dL_dmd/dz points from the fake score's x0 to the real one's: 2 (x0_fake - x0_real) /
+    # mean|z - x0_real| / N (swapping the two predictions flips it)
+    z64, real, fake = (np.asarray(a, np.float64) for a in (z, x0_real, x0_fake))
+    weight = np.abs(z64 - real).mean(axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(np.asarray(dmd_z), 2 * (fake - real) / weight / z64.size, rtol=1e-4,
+                               atol=1e-4 * np.abs(dmd_z).max())
+    # the fake score's loss: epsilon-MSE at t ~ U{0..999} on z_t formed here in float64
+    expected = np.mean((np.asarray(eps_fake, np.float64) - np.asarray(noise_fake, np.float64)) ** 2)
+    np.testing.assert_allclose(float(fake_loss), expected, rtol=1e-5)
     assert all(float(jnp.abs(g[...]).max()) == 0 for g in jax.tree.leaves(dmd_params))
     flat = dict(nnx.to_flat_state(fake_params))
     fake_b = [g for p, g in flat.items() if "fake" in p and "lora_B" in p]

@@ -14,7 +14,7 @@ from dod_jax.configs import load_config
 from dod_jax.dod import GENERATOR, abstract_dod, build_dod, parameter_counts, random_base, trainable
 from dod_jax.dod.model import STAGE_GROUPS
 from dod_jax.forward_demo import one_step
-from merge_check import loras, randomise_generator_b
+from merge_check import loras, randomise_generator_b, randomise_mtheta, two_images
 
 SIZE = 64
 
@@ -90,11 +90,12 @@ def test_gradients_reach_exactly_the_stage_groups(stage, use_hde):
 def test_merged_clora_equals_unmerged_per_image_and_images_get_their_own_modulation():
     model, _ = tiny_dod()
     randomise_generator_b(model)
-    lq = lq_batch()
+    randomise_mtheta(model)  # at its initialisation every image's modulation is the identity
+    lq = jnp.asarray(two_images(SIZE), jnp.float32)
     graphdef, state = nnx.split(model)
     film = np.asarray(jax.jit(lambda s: nnx.merge(graphdef, s).film(lq))(state))
     assert film.shape == (10, 2, 16)
-    assert np.abs(film[:, 0] - film[:, 1]).max() > 0  # two images, two modulations
+    assert np.abs(film[:, 0] - film[:, 1]).max() > 0.05  # two images, two modulations
 
     run, state = restore_fn(model)
     unmerged = np.asarray(run(state, lq))

@@ -7,7 +7,7 @@ the main job's table).
 
 CI runs `make demo` first, then this suite with DOD_JAX_MAIN_JOB_RUN naming that run's workdir
 (.ci/run): the test then checks what `make demo` itself wrote instead of training the same
-model a second time (19 minutes on a 2-core Intel Xeon). Without the variable it runs the main
+model a second time (17-19 minutes on a 2-core Intel Xeon). Without the variable it runs the main
 job in a temporary folder."""
 
 import json

@@ -8,6 +8,7 @@ import math
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
@@ -24,10 +25,11 @@ from dod_jax.losses.lpips import LPIPS
 from dod_jax.models.layers import NumpyRngs
 
 
-def setup(stage: str, **train):
+def setup(stage: str, weights: dict | None = None, **train):
     config = micro_config()
     config.train.stage = stage
     config.train.update(train)
+    config.train.weights.update(weights or {})
     base = base_models(config)
     if stage == "stage1":
         model = training_model(config, base)
@@ -44,11 +46,16 @@ def batch_of(n: int, seed: int = 0):
     return {"lq": np.clip(gt + rng.normal(0, 0.2, gt.shape), -1, 1).astype(np.float32), "gt": gt}
 
 
-def one_step(compiled, state, frozen, batch, mesh):
+def steps_on(compiled, state, frozen, batches, mesh):
+    """The compiled step over `batches` from `state` -> (final state, each step's metrics, the
+    last step's restored images), on the host."""
     state = place(state, compiled.state_shardings)
     frozen = place(frozen, compiled.frozen_shardings)
-    new_state, metrics, restored = compiled.step(state, frozen, parallel.global_batch(batch, mesh))
-    return jax.device_get((new_state, metrics, restored)), new_state
+    metrics = []
+    for batch in batches:
+        state, step_metrics, restored = compiled.step(state, frozen, parallel.global_batch(batch, mesh))
+        metrics.append(step_metrics)
+    return jax.device_get((state, metrics, restored))
 
 
 def param_diffs(a, b) -> np.ndarray:
@@ -67,18 +74,77 @@ def assert_adam_steps_agree(a, b, lr, steps=1, share=0.999):
     assert np.mean(diffs < 1e-5) > share and diffs.max() <= steps * 2.1 * lr, (np.mean(diffs < 1e-5), diffs.max())
 
 
+# Weights unlike both presets, so a constant written into a step shows in its loss; no gradient
+# clipping, so Adam's first moment is (1 - b1) times the gradient itself (global-norm clipping
+# would rescale a gradient that is off by a constant factor back to the same norm).
+CHECK_WEIGHTS = {"l2": 1.3, "lpips": 2.9, "dmd": 0.7, "ssim": 0.37}
+UNCLIPPED = {"clip": 0.0, "fake_clip": 0.0, "weights": CHECK_WEIGHTS}
+B1 = 0.9  # configs/dod.py train.betas[0]
+
+
+def assert_loss_is_its_formula(metrics: dict, stage: str, weights=CHECK_WEIGHTS):
+    """REFERENCE.md's totals from the step's own logged terms: stage 1 l_l2 MSE + l_lpips LPIPS +
+    l_dmd L_dmd (a term weighted 0 is not computed), stage 2 MSE + l_ssim (1 - SSIM)."""
+    m = {k: np.float64(v) for k, v in metrics.items()}
+    if stage == "stage1":
+        expected = weights["l2"] * m["mse"] + sum(weights[k] * m[k] for k in ("lpips", "dmd") if weights[k])
+    else:
+        expected = m["mse"] + weights["ssim"] * (1.0 - m["ssim"])
+    np.testing.assert_allclose(m["loss"], expected, rtol=1e-6)
+
+
+def first_moments(opt_state) -> list[np.ndarray]:
+    """Adam's first moments (mu) in an optax state, leaf by leaf."""
+    adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)]
+    assert len(adam) == 1
+    return [np.asarray(x, np.float64) for x in jax.tree.leaves(adam[0].mu)]
+
+
+def assert_trees_close(a, b, rtol: float, what: str):
+    """Each leaf of `a` within rtol x (that leaf's largest |value| in `b`, but at least 1% of the
+    whole tree's) of `b`: a gradient off by a constant factor misses by (factor - 1) x its
+    largest entry, while leaves whose gradients are thousands of times smaller than the rest
+    (LoRA's A while B is near zero) carry the rounding of the large ones."""
+    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert a and len(a) == len(b), what
+    floor = 0.01 * max(np.abs(np.asarray(y)).max() for y in b)
+    assert floor > 0, what
+    worst = 0.0
+    for i, (x, y) in enumerate(zip(a, b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        ratio = np.abs(x - y).max() / max(np.abs(y).max(), floor)
+        assert ratio <= rtol, (what, i, ratio)
+        worst = max(worst, ratio)
+    print(f"{what}: worst leaf {worst:.1e} of its scale")
+
+
+# Adam's first moments of two computations of the same steps: one step apart from the loss's own
+# gradient within 1e-3 (measured without the 1% floor: 3.9e-3 of a leaf whose gradients are near
+# 4e-8, 1e-4 and less elsewhere);
+# after three steps on 8 devices and on one within 5e-2 (measured with the floor: 4.3e-4, and
+# 4.8e-3 in the fake score's LoRA, as Adam's first steps move every parameter by about lr and the
+# two runs drift apart by rounding). A factor on a gradient (2, or the micro-batch count) misses by 0.5 or more.
+MU_RTOL_ONE_STEP = 1e-3
+MU_RTOL_THREE_STEPS = 5e-2
+# Parameters after three such steps: as assert_adam_steps_agree explains, with the drift of two
+# more steps (measured: 99.46% within 1e-5 in stage 1)
+THREE_STEPS_WITHIN_1E5 = 0.99
+
+
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
 def test_a_step_on_8_devices_equals_the_step_on_one(stage):
     assert jax.device_count() == 8, "conftest sets 8 virtual CPU devices"
-    stage_obj, state, frozen = setup(stage)
-    batch = batch_of(8)  # one row per device
+    stage_obj, state, frozen = setup(stage, **UNCLIPPED)
+    batches = [batch_of(8, seed) for seed in range(3)]  # one row per device; three steps
     one_mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    (one, metrics1, restored1), _ = one_step(compile_step(stage_obj, state, frozen, one_mesh), state, frozen, batch,
-                                             one_mesh)
+    one, metrics1, restored1 = steps_on(compile_step(stage_obj, state, frozen, one_mesh), state, frozen, batches,
+                                        one_mesh)
     mesh = parallel.make_mesh(data=4, fsdp=2)
     rules = parallel.rules_dict(micro_config().parallel.rules)
     compiled = compile_step(stage_obj, state, frozen, mesh, rules, shard_frozen=True)
-    (eight, metrics8, restored8), placed = one_step(compiled, state, frozen, batch, mesh)
+    eight, metrics8, restored8 = steps_on(compiled, state, frozen, batches, mesh)
+    placed = place(state, compiled.state_shardings)
 
     # where things live: the frozen base FSDP-sharded by the rules, and the trained state too
     # (ZeRO: parameters and Adam moments) where a tensor is large enough to be worth it
@@ -95,21 +161,56 @@ def test_a_step_on_8_devices_equals_the_step_on_one(stage):
     assert parallel.batch_sharding(mesh).spec == P(("data", "fsdp"))
     assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(placed.params))
 
-    for k in metrics1:
-        np.testing.assert_allclose(metrics8[k], metrics1[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    # three steps: each step's losses and restorations, then Adam's first moments of the
+    # trained and the fake parameters (the running gradients, factors included), then the
+    # parameters; the fake score's parameters too (stage 1)
+    for m8, m1 in zip(metrics8, metrics1):
+        assert_loss_is_its_formula(m1, stage)
+        for k in m1:
+            np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-6, err_msg=k)
     np.testing.assert_allclose(restored8, restored1, atol=2e-5)
-    assert_adam_steps_agree(eight.params, one.params, micro_config().train.lr)
-    assert int(eight.step) == int(one.step) == 1
+    assert_trees_close(first_moments(eight.opt_state), first_moments(one.opt_state), MU_RTOL_THREE_STEPS, "mu")
+    assert_adam_steps_agree(eight.params, one.params, micro_config().train.lr, steps=3, share=THREE_STEPS_WITHIN_1E5)
+    if stage == "stage1":
+        assert_trees_close(first_moments(eight.fake_opt_state), first_moments(one.fake_opt_state), MU_RTOL_THREE_STEPS,
+                           "fake mu")
+        assert_adam_steps_agree(eight.fake_params, one.fake_params, micro_config().train.fake_lr, steps=3,
+                                share=THREE_STEPS_WITHIN_1E5)
+    assert int(eight.step) == int(one.step) == 3
 
 
-def test_micro_batches_equal_the_whole_batch_and_non_finite_updates_are_skipped():
-    stage_obj, state, frozen = setup("stage2")
-    whole, _, _ = jax.jit(stage_obj.train_step)(state, frozen, batch_of(6))
-    split = dataclasses.replace(stage_obj, micro_batches=3)
-    step = jax.jit(split.train_step)
-    parts, metrics, restored = step(state, frozen, batch_of(6))
+# Stage 1 without LPIPS here (a per-sample mean like MSE, and the longest part of the compile):
+# what micro-batching can break is its own, the per-sample DMD keys and the fake score's updates.
+MICRO_BATCH_STAGES = {"stage1": {"lpips": 0.0}, "stage2": {}}
+
+
+@pytest.mark.parametrize("stage", list(MICRO_BATCH_STAGES))
+def test_micro_batches_equal_the_whole_batch_and_non_finite_updates_are_skipped(stage):
+    weights = {**CHECK_WEIGHTS, **MICRO_BATCH_STAGES[stage]}
+    stage_obj, state, frozen = setup(stage, **{**UNCLIPPED, "weights": weights})
+    batch = batch_of(6)
+    whole, whole_metrics, whole_restored = jax.jit(stage_obj.train_step)(state, frozen, batch)
+    step = jax.jit(dataclasses.replace(stage_obj, micro_batches=3).train_step)
+    parts, metrics, restored = step(state, frozen, batch)
+
+    # the step's gradient is the loss's: Adam's first moment after one unclipped step is
+    # (1 - b1) x the gradient of the whole batch's loss, taken here apart from the step
+    keys = stage_obj.sample_keys(state, 0, 6)
+    loss = lambda p: stage_obj.generator_loss(p, state.fake_params, frozen, batch, keys)[0]
+    gradient = jax.jit(jax.grad(loss))(state.params)
+    reference = [(1 - B1) * np.asarray(g, np.float64) for g in jax.tree.leaves(gradient)]
+    assert_trees_close(first_moments(whole.opt_state), reference, MU_RTOL_ONE_STEP, "whole-batch mu")
+    assert_trees_close(first_moments(parts.opt_state), reference, MU_RTOL_ONE_STEP, "micro-batch mu")
+    for m in (whole_metrics, metrics):
+        assert_loss_is_its_formula(m, stage, weights)
+    for k in whole_metrics:
+        np.testing.assert_allclose(metrics[k], whole_metrics[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(restored, whole_restored, atol=1e-5)
     assert_adam_steps_agree(parts.params, whole.params, micro_config().train.lr)
-    assert restored.shape == (6, 32, 32, 3)
+    if stage == "stage1":  # the fake score's update on the generator's latents, micro-batched too
+        assert_trees_close(first_moments(parts.fake_opt_state), first_moments(whole.fake_opt_state), MU_RTOL_ONE_STEP,
+                           "fake mu")
+        assert_adam_steps_agree(parts.fake_params, whole.fake_params, micro_config().train.fake_lr)
 
     poisoned = batch_of(6)
     poisoned["lq"][2, 5, 5, 0] = np.nan
