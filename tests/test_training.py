@@ -79,7 +79,7 @@ def assert_adam_steps_agree(a, b, lr, steps=1, share=0.999):
 # would rescale a gradient that is off by a constant factor back to the same norm).
 CHECK_WEIGHTS = {"l2": 1.3, "lpips": 2.9, "dmd": 0.7, "ssim": 0.37}
 UNCLIPPED = {"clip": 0.0, "fake_clip": 0.0, "weights": CHECK_WEIGHTS}
-B1 = 0.9  # configs/dod.py train.betas[0]
+B1 = micro_config().train.betas[0]  # Adam's first-moment decay
 
 
 def assert_loss_is_its_formula(metrics: dict, stage: str, weights=CHECK_WEIGHTS):
