@@ -47,15 +47,15 @@ def batch_of(n: int, seed: int = 0):
 
 
 def steps_on(compiled, state, frozen, batches, mesh):
-    """The compiled step over `batches` from `state` -> (final state, each step's metrics, the
-    last step's restored images), on the host."""
+    """The compiled step over `batches` from `state` -> (final state, as placed by the step; each
+    step's metrics and the last step's restored images, on the host)."""
     state = place(state, compiled.state_shardings)
     frozen = place(frozen, compiled.frozen_shardings)
     metrics = []
     for batch in batches:
         state, step_metrics, restored = compiled.step(state, frozen, parallel.global_batch(batch, mesh))
         metrics.append(step_metrics)
-    return jax.device_get((state, metrics, restored))
+    return (state, *jax.device_get((metrics, restored)))
 
 
 def param_diffs(a, b) -> np.ndarray:
@@ -144,7 +144,6 @@ def test_a_step_on_8_devices_equals_the_step_on_one(stage):
     rules = parallel.rules_dict(micro_config().parallel.rules)
     compiled = compile_step(stage_obj, state, frozen, mesh, rules, shard_frozen=True)
     eight, metrics8, restored8 = steps_on(compiled, state, frozen, batches, mesh)
-    placed = place(state, compiled.state_shardings)
 
     # where things live: the frozen base FSDP-sharded by the rules, and the trained state too
     # (ZeRO: parameters and Adam moments) where a tensor is large enough to be worth it
@@ -159,7 +158,7 @@ def test_a_step_on_8_devices_equals_the_step_on_one(stage):
     assert frozen_specs["unet/down_blocks/0/resnets/0/conv1/bias"] == P(None)
     assert any("fsdp" in s for s in frozen_specs.values() if len(s) == 2)  # linear kernels too
     assert parallel.batch_sharding(mesh).spec == P(("data", "fsdp"))
-    assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(placed.params))
+    assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(eight.params))
 
     # three steps: each step's losses and restorations, then Adam's first moments of the
     # trained and the fake parameters (the running gradients, factors included), then the
