@@ -251,7 +251,7 @@ def authors_model(config, folder, seed=0, trained_seed=4, perturbation=1.0):
     return model
 
 
-def save_released(model: AuthorsDOD, config, folder):
+def save_released(model: AuthorsDOD, folder):
     """stage1.pkl and stage2.pkl of `model`, as the authors' code saves them, into `folder`."""
     torch.save(model.stage1_dict(AUTHORS_UNET_TARGETS, AUTHORS_VAE_REGEX), folder / "stage1.pkl")
     torch.save(model.stage2_dict(), folder / "stage2.pkl")

@@ -46,7 +46,7 @@ def released(tmp_path_factory, request):
     name, _, rank = request.param.partition("-rank")
     config = load_config(config_file(folder, name, int(rank) if rank else None))
     model = authors_model(config, folder)
-    save_released(model, config, folder)
+    save_released(model, folder)
     return folder, config, model
 
 
@@ -123,7 +123,7 @@ def test_dod_jax_restores_what_the_authors_model_restores_at_full_size(tmp_path)
     folder.mkdir()
     config = load_config(config_file(folder, "dod"))
     reference = authors_model(config, folder, perturbation=0.02)
-    save_released(reference, config, folder)
+    save_released(reference, folder)
     lq = np.random.default_rng(0).uniform(-1, 1, (1, 256, 256, 3)).astype(np.float32)
     noise = np.asarray(normal_per_sample(jax.random.key(11), (1, 32, 32, config.vae.latent_channels)))
     cases = [(use_hde, latent) for use_hde in (False, True) for latent in ("mode", "sample")]
