@@ -64,18 +64,22 @@ def test_bfloat16_compute_keeps_float32_params():
 def test_a_float32_output_head_cuts_the_bfloat16_error_of_dods_x0():
     """x0 = (z - sqrt(1 - abar) eps) / sqrt(abar) at t = 999 multiplies eps's error by 14.6:
     with the UNet in bfloat16, the float32 head (conv_norm_out, conv_out) keeps x0 closer to
-    the float32 truth than a bfloat16 head does. Measured on this tiny UNet: max abs error
-    0.281 against 0.293, so most of bfloat16's error comes from the body, not the head."""
+    the float32 truth than a bfloat16 head does. The head's share of the error is small (most
+    comes from the body), so one element's error can go either way: on this tiny UNet the max
+    abs error favoured the bfloat16 head for two of four input pairs, while the RMS error
+    favoured the float32 head for all four, by 1-4%. So the test takes the RMS over all eight
+    inputs (measured: 0.0817 against 0.0837; bench/bf16_head.py at the SD 2.1-base config:
+    0.1085 against 0.1104)."""
     from dod_jax.schedule import DDPMSchedule
     from conftest import tiny_config
-    x, _, c = inputs()
+    x, _, c = (np.concatenate(parts) for parts in zip(*(inputs(seed) for seed in range(4))))
     t = jnp.full((x.shape[0],), 999)
     schedule = DDPMSchedule.from_config(tiny_config().scheduler.to_dict())
     x0 = lambda m: schedule.eps_to_x0(x, nnx.jit(lambda m: m(x, t, c))(m).astype(jnp.float32), t)
-    truth = np.asarray(x0(tiny_unet()))
-    errors = {head: float(np.abs(np.asarray(x0(tiny_unet(dtype=jnp.bfloat16, output_dtype=dtype))) - truth).max())
+    truth = np.asarray(x0(tiny_unet()), np.float64)
+    errors = {head: float(np.sqrt(np.mean((np.asarray(x0(tiny_unet(dtype=jnp.bfloat16, output_dtype=dtype))) - truth) ** 2)))
               for head, dtype in (("float32 head", jnp.float32), ("bfloat16 head", None))}
-    print(f"x0 max abs error against float32, UNet in bfloat16: {errors}")
+    print(f"x0 RMS error against float32, UNet in bfloat16: {errors}")
     assert errors["float32 head"] < errors["bfloat16 head"], errors
 
 

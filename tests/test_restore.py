@@ -130,16 +130,20 @@ def test_a_full_resolution_mfm_averages_its_features_over_the_tiles(micro):
 def test_tiled_restore_is_close_to_the_whole_image(micro):
     """Overlapping tiles see less context than the whole image (GroupNorm statistics and
     attention span one tile), so they differ from it; a random-weight network depends on
-    that context far more than a trained restorer. Measured on the micro model (without the
-    fixture's perturbation) at 128x256: 16.8 dB between tiled (128-pixel tiles, overlap 64)
-    and whole, 17.1 dB at overlap 96, 14.3 dB at 64 / 32."""
+    that context far more than a trained restorer. So the bounds come from this model: tiles
+    blended over their overlap are closer to the whole-image restoration than tiles butted
+    together without overlap (seams), and far closer than the input is (what the model does
+    to the image). Measured on the fixture at 128x256: 26.8 dB between tiled (128-pixel
+    tiles, overlap 64) and whole, 24.2 dB without overlap, the input 8.5 dB from the whole."""
     _, model = micro
     image = demo_photos()["coffee"][:128, :256]
     whole = Restorer(model, RestoreSettings(min_side=64)).restore([image])[0]
-    tiled = Restorer(model, RestoreSettings(tile=128, tile_overlap=64, tile_above=0, min_side=64))
-    out = tiled.restore([image])[0]
-    assert tiled._decode_tile._cache_size() == 1  # every tile one shape
-    assert psnr(out, whole) > 15.0
+    tiled = {overlap: Restorer(model, RestoreSettings(tile=128, tile_overlap=overlap, tile_above=0, min_side=64))
+             for overlap in (64, 0)}
+    out = {overlap: restorer.restore([image])[0] for overlap, restorer in tiled.items()}
+    assert tiled[64]._decode_tile._cache_size() == 1  # every tile one shape
+    assert psnr(out[64], whole) > psnr(out[0], whole) + 1.0
+    assert psnr(out[64], whole) > psnr(image, whole) + 10.0
 
 
 # ----------------------------------------------------- the authors' inference switches
@@ -247,8 +251,10 @@ def test_bundle_round_trip_and_what_it_refuses(micro, tmp_path):
 
 
 def test_a_bundle_restores_in_bfloat16_close_to_float32(micro, tmp_path):
-    """The accelerator default: compute in bfloat16 (parameters stay float32). The unperturbed
-    micro model gives 35.5 dB PSNR against float32."""
+    """The accelerator default: compute in bfloat16 (parameters stay float32). bfloat16 rounds
+    the weights and every activation; the bound comes from this model: the restoration costs at
+    most 12 dB PSNR (4x the RMS error) more than the float32 restoration with the weights alone
+    rounded to bfloat16. Measured on the fixture: 45.8 dB against 53.0 dB."""
     config, model = micro
     bundle = save_bundle(model, config, "stage2", tmp_path / "bundle")
     image = demo_photos()["coffee"][:64, :96]
@@ -257,7 +263,10 @@ def test_a_bundle_restores_in_bfloat16_close_to_float32(micro, tmp_path):
         loaded = load_model(bundle, dtype=dtype)
         assert loaded.model.unet.dtype == getattr(jax.numpy, dtype)
         outputs[dtype] = Restorer(loaded.model, RestoreSettings(min_side=64)).restore([image])[0]
-    assert psnr(outputs["bfloat16"], outputs["float32"]) > 30.0
+    rounded = load_model(bundle).model
+    nnx.update(rounded, jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16).astype(x.dtype), nnx.state(rounded, nnx.Param)))
+    outputs["rounded weights"] = Restorer(rounded, RestoreSettings(min_side=64)).restore([image])[0]
+    assert psnr(outputs["bfloat16"], outputs["float32"]) > psnr(outputs["rounded weights"], outputs["float32"]) - 12.0
 
 
 def test_bundle_of_another_config_names_the_mismatched_tensors(micro, tmp_path):

@@ -19,7 +19,8 @@ from dod_jax import parallel
 from dod_jax.dod.build import base_models
 from dod_jax.dod.model import trainable
 from dod_jax.training import checkpoints as ckpt
-from dod_jax.training.loop import compile_step, place, run, training_model
+from dod_jax.data.pipeline import TrainBatches
+from dod_jax.training.loop import compile_step, data_sources, place, run, task_ratio, training_model
 from dod_jax.training.steps import LOSS_WEIGHTS, Stage, learning_rate, loss_weights
 from dod_jax.losses.lpips import LPIPS
 from dod_jax.models.layers import NumpyRngs
@@ -325,11 +326,15 @@ def test_a_sharded_run_resumes_under_another_mesh_shape(tmp_path):
                             share=RESHARDED_PARAMS_WITHIN_1E5)
 
 
-def test_two_processes_on_loopback_train_together_and_agree(tmp_path):
+# a two-process run's losses against one process's (measured: equal, then 8e-8 apart)
+TWO_PROCESSES_RTOL = 1e-5
+
+
+def test_two_processes_on_loopback_train_together_and_agree_with_one(tmp_path):
     """Two processes, one CPU device each, joined by jax.distributed over 127.0.0.1: each reads
-    its own shard of the data, the step runs on the global batch, and both report the same
-    losses. (The MSE-only stage-1 step keeps the compile short; the losses' sharding is the
-    8-device test's.)"""
+    its own shard of the data, the step runs on the global batch, and both report the losses of
+    one process running the same steps on both shards' batches (process 0's rows first). (The
+    MSE-only stage-1 step keeps the compile short; the losses' sharding is the 8-device test's.)"""
     import os
     import socket
     import subprocess
@@ -353,6 +358,24 @@ def test_two_processes_on_loopback_train_together_and_agree(tmp_path):
     assert summaries[0]["losses"] == summaries[1]["losses"] and len(summaries[0]["losses"]) == 2
     assert summaries[0]["step"] == summaries[1]["step"] == 2
     assert (tmp_path / "run" / "checkpoints" / "2" / "state").is_dir()
+
+    # the same two steps in this process, on one device, from the batches each process's shard
+    # gives (the data set the run wrote): both processes reading one shard moved the first loss
+    # by 2.6%
+    config = micro_config()
+    config.train.update(steps=2, fake_updates=0)
+    config.train.weights.update(lpips=0.0, dmd=0.0)
+    stage, state, frozen = Stage.create(training_model(config, base_models(config)), config.train,
+                                        LPIPS(rngs=NumpyRngs(3)))
+    shards = [TrainBatches(data_sources(config, tmp_path / "run"), task_ratio(config), crop=config.train.crop,
+                           units=config.train.units, seed=config.train.seed, process_index=i, process_count=2)
+              for i in range(2)]
+    batches = [{k: np.concatenate([s.batch(step)[k] for s in shards]) for k in ("lq", "gt")} for step in range(2)]
+    half = len(batches[0]["gt"]) // 2
+    assert not np.array_equal(batches[0]["gt"][:half], batches[0]["gt"][half:])
+    mesh = parallel.make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])
+    _, metrics, _ = steps_on(compile_step(stage, state, frozen, mesh), state, frozen, batches, mesh)
+    np.testing.assert_allclose(summaries[0]["losses"], [m["loss"] for m in metrics], rtol=TWO_PROCESSES_RTOL)
 
 
 def test_fsdp_cuts_every_large_tensor_on_a_dimension_it_divides_and_names_what_it_cannot():
