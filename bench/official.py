@@ -11,7 +11,8 @@ max abs difference of the two restorations: a run more than 1e-3 off PyTorch is 
 failed and gets no ratio. Merged CLoRA folds the weights for each image in a compiled call of
 its own (timed with the restore, and alone as fold_median_s) and restores with them as inputs.
 The XLA options in force are recorded (dod_jax sets none; DOD_JAX_CPU_FLAGS=ynn_dot adds one).
-Results go to bench/results/official_<backend>.json.
+Results go to bench/results/official_<backend>.json: a case measured again replaces its row,
+the others stay (each row records its CPU and repetitions).
 
     python bench/official.py [--sizes 256 512] [--batches 1 4] [--reps 3]
 
@@ -69,6 +70,22 @@ def jax_restorers(model):
     return unmerged, merged, state
 
 
+def both_models(folder: Path, perturbation: float):
+    """(the PyTorch re-statement with random non-trivial weights, dod-jax's import of the files
+    it saves as the authors' code does, loaded float32 at the posterior mode); `folder` holds
+    the files while the import runs."""
+    from dod_reference import authors_model, config_file, save_released
+    config = load_config(config_file(folder, "dod"))
+    print("building the authors' model (SD 2.1-base + ADM-256, random weights) ...", flush=True)
+    reference = authors_model(config, folder, perturbation=perturbation)
+    save_released(reference, folder)
+    assert official_main(["import", "--stage1", str(folder / "stage1.pkl"), "--stage2", str(folder / "stage2.pkl"),
+                          "--sd", str(folder / "sd"), "--adm", str(folder / "adm.pt"),
+                          "--prompts", str(folder / "prompt_embeds.pt"), "--config", str(folder / "dod_full_mfm.py"),
+                          "--out", str(folder / "bundle")]) == 0
+    return reference, load_model(folder / "bundle", dtype="float32", dod={"latent": "mode"})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
@@ -81,20 +98,9 @@ def main():
     args = parser.parse_args()
 
     import torch
-    from dod_reference import authors_model, config_file, save_released
-
     torch.set_num_threads(os.cpu_count())
     with tempfile.TemporaryDirectory(prefix="dod_official_bench.") as scratch:
-        folder = Path(scratch)
-        config = load_config(config_file(folder, "dod"))
-        print("building the authors' model (SD 2.1-base + ADM-256, random weights) ...", flush=True)
-        reference = authors_model(config, folder, perturbation=args.perturbation)
-        save_released(reference, config, folder)
-        assert official_main(["import", "--stage1", str(folder / "stage1.pkl"), "--stage2", str(folder / "stage2.pkl"),
-                              "--sd", str(folder / "sd"), "--adm", str(folder / "adm.pt"),
-                              "--prompts", str(folder / "prompt_embeds.pt"), "--config", str(folder / "dod_full_mfm.py"),
-                              "--out", str(folder / "bundle")]) == 0
-        loaded = load_model(folder / "bundle", dtype="float32", dod={"latent": "mode"})
+        reference, loaded = both_models(Path(scratch), args.perturbation)
     unmerged, merged, state = jax_restorers(loaded.model)
 
     device = jax.devices()[0]
@@ -108,14 +114,21 @@ def main():
         "runs": [],
     }
     path = args.out / f"official_{device.platform}.json"
+    case = lambda run: (run["size"], run["batch"], run["clora"], run["xla_flags"])
+    measured = {(size, batch, clora, results["xla_flags"]) for size in args.sizes for batch in args.batches
+                for clora in ("unmerged", "merged")}
+    earlier = json.loads(path.read_text())["runs"] if path.exists() else []
+    kept = [run for run in earlier if case(run) not in measured]  # cases this run does not measure again
+    results["runs"] = list(kept)
     rng = np.random.default_rng(0)
     for size in args.sizes:
         for batch in args.batches:
             lq = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
             lq_j, lq_t = jnp.asarray(lq), torch.from_numpy(lq.transpose(0, 3, 1, 2).copy())
             with torch.no_grad():
-                torch_s, torch_all = median_seconds(lambda: reference(lq_t), args.reps)
-                expected = reference(lq_t).numpy().transpose(0, 2, 3, 1)
+                torch_out = []
+                torch_s, torch_all = median_seconds(lambda: torch_out.append(reference(lq_t)), args.reps)
+                expected = torch_out[-1].numpy().transpose(0, 2, 3, 1)
             for clora in ("unmerged", "merged"):
                 start = time.perf_counter()
                 if clora == "unmerged":
@@ -126,21 +139,23 @@ def main():
                     jax.block_until_ready(merged(state, lq_j))  # compiles the fold and the restore
                     call, flops = (lambda: merged(state, lq_j)), None
                 compile_s = time.perf_counter() - start
-                folds = []
-                jax_s, jax_all = median_seconds(lambda: folds.append(jax.block_until_ready(call())[1]), args.reps)
-                got = np.clip(np.asarray(call()[0]), -1, 1)
+                outputs = []  # (images, fold seconds) of each call
+                jax_s, jax_all = median_seconds(lambda: outputs.append(jax.block_until_ready(call())), args.reps)
+                got = np.clip(np.asarray(outputs[-1][0]), -1, 1)
                 err = float(np.abs(got - expected).max())
-                run = {"size": size, "batch": batch, "clora": clora, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                run = {"size": size, "batch": batch, "clora": clora, "xla_flags": results["xla_flags"],
+                       "cpu": results["cpu"], "reps": args.reps,
                        "jax_median_s": jax_s, "torch_median_s": torch_s, "jax_times_s": jax_all,
                        "torch_times_s": torch_all, "jax_compile_s": compile_s, "xla_flops": flops,
                        "max_abs_diff_vs_torch": err, "failed": err > MAX_ABS_DIFF}
                 if clora == "merged":
-                    run["fold_median_s"] = float(np.median(folds[-args.reps:]))
+                    run["fold_median_s"] = float(np.median([fold_s for _, fold_s in outputs[-args.reps:]]))
                 if not run["failed"]:  # a wrong output has no speed
                     run["jax_over_torch"] = jax_s / torch_s
                     if flops:
                         run["jax_gflops_per_s"] = flops / jax_s / 1e9
                 results["runs"].append(run)
+                results["runs"].sort(key=case)
                 args.out.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(results, indent=2))  # after every case: a cut run keeps what it measured
                 verdict = (f"jax/torch {jax_s / torch_s:.2f}x" if not run["failed"]
