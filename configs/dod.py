@@ -73,7 +73,11 @@ def get_config() -> ConfigDict:
         "init_from": "",            # stage 2: the stage-1 run directory (or one of its checkpoint steps)
         "steps": 100_000,
         "seed": 0,
-        "units": 1,                 # batch = units x sum(ratio) crops (7 in stage 1, 3 in stage 2)
+        "units": 1,                 # batch = units x sum(ratio) crops (7 in stage 1, 3 in stage 2) per process
+        # True: units raised to the smallest multiple whose global batch the devices (and
+        # micro_batches) divide, with a line saying so (7 crops on 8 devices: units 8, 56 crops);
+        # False: such a mesh is refused
+        "scale_batch": True,
         "crop": 256,
         "micro_batches": 1,         # gradient accumulation: the batch in this many slices
         "remat": False,             # rematerialise UNet / VAE blocks in the backward pass

@@ -20,7 +20,9 @@ from dod_jax.dod.build import base_models
 from dod_jax.dod.model import trainable
 from dod_jax.training import checkpoints as ckpt
 from dod_jax.data.pipeline import TrainBatches
-from dod_jax.training.loop import compile_step, data_sources, place, run, task_ratio, training_model
+from dod_jax.errors import ConfigError
+from dod_jax.training.loop import (compile_step, data_sources, fitted_units, place, run, task_ratio,
+                                     training_model)
 from dod_jax.training.steps import LOSS_WEIGHTS, Stage, learning_rate, loss_weights
 from dod_jax.losses.lpips import LPIPS
 from dod_jax.models.layers import NumpyRngs
@@ -376,6 +378,28 @@ def test_two_processes_on_loopback_train_together_and_agree_with_one(tmp_path):
     mesh = parallel.make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])
     _, metrics, _ = steps_on(compile_step(stage, state, frozen, mesh), state, frozen, batches, mesh)
     np.testing.assert_allclose(summaries[0]["losses"], [m["loss"] for m in metrics], rtol=TWO_PROCESSES_RTOL)
+
+
+def test_a_batch_the_devices_do_not_divide_is_scaled_to_one_they_do_or_refused(tmp_path, capsys):
+    three_two_two = {"dehaze": 3, "derain": 2, "denoise": 2}
+    assert fitted_units(1, three_two_two, 1, 8) == 8        # 7 crops on 8 devices: 56
+    assert fitted_units(2, three_two_two, 1, 4, micro_batches=2) == 8  # 56 crops: 2 slices of 28 over 4
+    assert fitted_units(3, {"a": 1, "b": 1}, 2, 4) == 3     # 12 crops already split over 4
+    assert fitted_units(1, {"a": 3}, 3, 6) == 2             # 3 processes x 3 crops: 18
+    with pytest.raises(ConfigError, match=r"= 7 does not split into 1 micro-batch\(es\) over 8 devices: set "
+                                          r"train.units to a multiple of 8"):
+        fitted_units(1, three_two_two, 1, 8, scale=False)
+
+    # the run says what it chose and trains on that batch (stopped before its first step)
+    config = run_config(steps=1)
+    config.data.stage1_ratio = "dehaze:3,derain:2,denoise:2"
+    config.parallel.devices = 8
+    summary = run(config, tmp_path / "run", stop_at=0)
+    assert summary["batch"] == 56
+    assert "train.units 1 -> 8: 56 crops a step" in capsys.readouterr().out
+    config.train.scale_batch = False
+    with pytest.raises(ConfigError, match="does not split"):
+        run(config, tmp_path / "refused", stop_at=0)
 
 
 def test_fsdp_cuts_every_large_tensor_on_a_dimension_it_divides_and_names_what_it_cannot():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import time
 from pathlib import Path
@@ -37,9 +38,10 @@ from dod_jax.training import checkpoints as ckpt
 from dod_jax.training.plots import plot_losses, read_log
 from dod_jax.training.steps import Frozen, Stage, TrainState, add_fake_score
 
-def training_model(config, base: BaseModels):
+def training_model(config, base: BaseModels, *, load_stage1: bool = True):
     """DOD for `config.train.stage`: stage 1 adds the fake score; stage 2 starts from the
-    stage-1 checkpoint in train.init_from."""
+    stage-1 checkpoint in train.init_from (with load_stage1=False, from fresh stage-1 parts:
+    the shapes alone, for planning)."""
     model = build_dod(config, base, config.train.seed)
     stage = config.train.stage
     if stage == "stage1":
@@ -50,6 +52,8 @@ def training_model(config, base: BaseModels):
                        targets=config.dod.unet_targets, rngs=NumpyRngs(config.train.seed + 2),
                        scope=config.train.get("fake_scope", "all"))  # runs saved before the switch: all
     elif stage == "stage2":
+        if not load_stage1:
+            return model
         if not config.train.init_from:
             raise ConfigError("stage 2 starts from a stage-1 run: set train.init_from to its checkpoints directory")
         ckpt.load_trained_params(model, config.train.init_from, stages=("stage1",))
@@ -67,6 +71,26 @@ def task_ratio(config) -> dict[str, int]:
         return {t.strip(): int(n) for t, n in (item.split(":") for item in text.split(","))}
     except ValueError as e:
         raise ConfigError(f"data.{stage}_ratio {text!r}: expected 'task:n,task:n'") from e
+
+
+def ratio_text(ratio: dict[str, int]) -> str:
+    return ",".join(f"{t}:{n}" for t, n in ratio.items())
+
+
+def fitted_units(units: int, ratio: dict[str, int], processes: int, devices: int, micro_batches: int = 1,
+                 scale: bool = True) -> int:
+    """train.units, or with `scale` its smallest multiple whose global batch (units x the
+    ratio's crops x processes) splits into the micro-batches and each of them evenly over the
+    mesh's devices (a 7-crop batch cannot run on 8 devices as it is)."""
+    crops = units * sum(ratio.values()) * processes
+    need = devices * micro_batches
+    factor = need // math.gcd(crops, need)
+    if factor > 1 and not scale:
+        raise ConfigError(f"a global batch of {units} x {sum(ratio.values())} crops ({ratio_text(ratio)}) x {processes} "
+                          f"process(es) = {crops} does not split into {micro_batches} micro-batch(es) over "
+                          f"{devices} devices: set train.units to a multiple of {units * factor}, change the task "
+                          "ratio or parallel.devices, or let train.scale_batch raise it")
+    return units * factor
 
 
 def data_sources(config, workdir: Path, split: str = "train") -> dict[str, Any]:
@@ -160,11 +184,14 @@ def run(config, workdir, *, stop_at: int | None = None) -> dict:
                             config.parallel.shard_frozen)
     frozen = place(frozen, compiled.frozen_shardings)
 
-    batches = TrainBatches(data_sources(config, workdir), task_ratio(config), crop=tc.crop, units=tc.units,
+    ratio = task_ratio(config)
+    units = fitted_units(tc.units, ratio, jax.process_count(), mesh.size, tc.micro_batches, tc.scale_batch)
+    if units != tc.units and lead:
+        tqdm.write(f"batch: {tc.units} x {sum(ratio.values())} crops ({ratio_text(ratio)}) x {jax.process_count()} "
+                   f"process(es) does not split into {tc.micro_batches} micro-batch(es) over {mesh.size} devices; "
+                   f"train.units {tc.units} -> {units}: {units * sum(ratio.values()) * jax.process_count()} crops a step")
+    batches = TrainBatches(data_sources(config, workdir), ratio, crop=tc.crop, units=units,
                            seed=tc.seed, process_index=jax.process_index(), process_count=jax.process_count())
-    if (batches.batch_size * jax.process_count()) % mesh.size:
-        raise ConfigError(f"a global batch of {batches.batch_size * jax.process_count()} does not split over "
-                         f"{mesh.size} devices: change train.units, the task ratio or parallel.devices")
     iterator = batches.iterator(tc.steps)
     checkpoints = ckpt.Checkpoints(workdir / "checkpoints", tc.keep)
     meta = {"stage": tc.stage, "config": json.loads(config.to_json()), "base": identity, "mesh": dict(mesh.shape)}
@@ -214,7 +241,8 @@ def run(config, workdir, *, stop_at: int | None = None) -> dict:
         checkpoints.wait()
         checkpoints.close()
         logger.close()
-    return {"stage": tc.stage, "start": start, "step": int(state.step), "losses": losses,
+    return {"stage": tc.stage, "start": start, "step": int(state.step), "batch": batches.batch_size * jax.process_count(),
+            "losses": losses,
             "skipped": int(state.skipped), "fake_skipped": int(state.fake_skipped),
             "workdir": str(workdir), "interrupted": stop.requested}
 
