@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite runs on the CPU. The tpu-aot extra's libtpu (for compiling for TPU slices, which
+# works under this setting) would otherwise probe for TPU hardware in every process and log errors.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Eight virtual CPU devices for the sharding tests (set before JAX starts); computations not
 # placed on a mesh run on the first device as before.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):

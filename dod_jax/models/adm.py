@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dod_jax.models.layers import Conv2d, GroupNorm, Linear, dot_product_attention, uniform_fan_in
+from dod_jax.models.layers import Conv2d, GroupNorm, Linear, batch_sharded, dot_product_attention, uniform_fan_in
 from dod_jax.models.unet import timestep_embedding
 
 Dtype = jnp.dtype
@@ -66,7 +66,8 @@ class Conv1d(nnx.Module):
         self.bias = nnx.Param(uniform_fan_in(rngs, (out_channels,), in_channels, param_dtype))
 
     def __call__(self, x):
-        return jnp.dot(x.astype(self.dtype), self.kernel[0].astype(self.dtype)) + self.bias[...].astype(self.dtype)
+        return batch_sharded(jnp.dot(x.astype(self.dtype), self.kernel[0].astype(self.dtype))
+                             + self.bias[...].astype(self.dtype))
 
 
 def avg_pool_2x2(x):

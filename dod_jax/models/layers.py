@@ -97,6 +97,18 @@ def replacement_output(layer: nnx.Module, x):
     return None
 
 
+def batch_sharded(x):
+    """`x` split on its first (batch) axis over every axis of the mesh in context, or `x` itself
+    outside one. The training step traces under its mesh (jax.sharding.use_abstract_mesh), where
+    every axis splits the batch. Applied to each layer's output, it stops an FSDP-sharded
+    weight's channel split from spreading into the activations: the layer gathers its weight for
+    its own use instead, and the activations stay split by sample."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(mesh.axis_names))
+
+
 def add_adapter_outputs(layer: nnx.Module, x, y):
     """y plus the outputs of the additive adapters hung on `layer` under ADAPTERS (see
     dod_jax.adapters); an adapter returns None when its set is not selected for this call."""
@@ -121,11 +133,11 @@ class Linear(nnx.Module):
     def __call__(self, x):
         replaced = replacement_output(self, x)
         if replaced is not None:
-            return replaced
+            return batch_sharded(replaced)
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        return add_adapter_outputs(self, x, y)
+        return batch_sharded(add_adapter_outputs(self, x, y))
 
 
 class Conv2d(nnx.Module):
@@ -146,7 +158,7 @@ class Conv2d(nnx.Module):
     def __call__(self, x):
         replaced = replacement_output(self, x)
         if replaced is not None:
-            return replaced
+            return batch_sharded(replaced)
         kernel = self.kernel[...].astype(self.dtype)
         if kernel.shape[0] == kernel.shape[1] == 1 and self.stride == 1 and self.padding == 0:
             y = jnp.dot(x.astype(self.dtype), kernel[0, 0])
@@ -157,7 +169,7 @@ class Conv2d(nnx.Module):
                 padding=((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        return add_adapter_outputs(self, x, y)
+        return batch_sharded(add_adapter_outputs(self, x, y))
 
 
 def _affine_norm_params(module, features: int, param_dtype: Dtype):

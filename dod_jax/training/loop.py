@@ -132,23 +132,28 @@ class CompiledStep:
 
 def compile_step(stage: Stage, state: TrainState, frozen: Frozen, mesh, rules=None, shard_frozen=False) -> CompiledStep:
     """stage.train_step under jax.jit on `mesh`, the batch split over ('data', 'fsdp'), the
-    trained state donated. Replicated, or with shard_frozen FSDP: the frozen model and the
-    large trained tensors (parameters and both optimiser states: ZeRO) split by `rules` and
+    trained state donated, every layer's output split by sample (models.layers.batch_sharded).
+    Replicated, or with shard_frozen FSDP: the frozen model, LPIPS and the large trained tensors (parameters and both optimiser states: ZeRO) split by `rules` and
     parallel.spec_for's fallback; large tensors no dimension lets it cut are named in a log line."""
     sharded = rules if shard_frozen else None
     # ZeRO for the large trained tensors only: splitting a LoRA matrix saves nothing worth its gathers
     state_sh = parallel.tree_shardings(state, mesh, sharded, min_size=parallel.MIN_SHARDED)
     frozen_sh = Frozen(parallel.tree_shardings(frozen.model, mesh, sharded),
-                       parallel.tree_shardings(frozen.lpips, mesh))
+                       parallel.tree_shardings(frozen.lpips, mesh, sharded))
     if sharded is not None:
-        whole = parallel.kept_whole(frozen.model, frozen_sh.model) + parallel.kept_whole(state, state_sh)
+        whole = parallel.kept_whole(frozen, frozen_sh) + parallel.kept_whole(state, state_sh)
         if whole:
             tqdm.write(f"fsdp: {len(whole)} large tensors kept whole (no dimension divisible by "
                        f"fsdp={mesh.shape['fsdp']}): " + ", ".join(f"{p} {s}" for p, s in whole[:5])
                        + (" ..." if len(whole) > 5 else ""))
     batch_sh = parallel.batch_sharding(mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step = jax.jit(stage.train_step, in_shardings=(state_sh, frozen_sh, batch_sh),
+
+    def train_step(state, frozen, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # layers keep activations split by sample
+            return stage.train_step(state, frozen, batch)
+
+    step = jax.jit(train_step, in_shardings=(state_sh, frozen_sh, batch_sh),
                    out_shardings=(state_sh, replicated, batch_sh), donate_argnums=(0,))
     return CompiledStep(step, state_sh, frozen_sh)
 
