@@ -64,11 +64,9 @@ def topology_devices(topology: str) -> list:
         raise ConfigError(f"--topology {topology}: libtpu does not know this slice ({str(e).splitlines()[0]})") from None
 
 
-def chip_of(topology: str) -> tuple[str, int | None, float | None]:
-    """(chip name, its memory in bytes, its peak bfloat16 FLOP/s); None where unknown (CPU)."""
-    name = topology.split(":")[0]
-    memory, flops = CHIPS.get(name, (None, None))
-    return name, memory, flops
+def chip_of(topology: str) -> tuple[int | None, float | None]:
+    """(the chip's memory in bytes, its peak bfloat16 FLOP/s); None where unknown (CPU)."""
+    return CHIPS.get(topology.split(":")[0], (None, None))
 
 
 def abstract_stage(config) -> tuple[Stage, object, object]:
@@ -186,7 +184,7 @@ def plan_step(config, topology: str, per_chip_batch: int, devices=None, status=p
     cost = cost[0] if isinstance(cost, list) else cost
     flops = cost.get("flops")
     peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes - memory.alias_size_in_bytes
-    _, chip_memory, chip_flops = chip_of(topology)
+    chip_memory, chip_flops = chip_of(topology)
     return StepPlan(
         stage=tc.stage, topology=topology, mesh=dict(mesh.shape), global_batch=batch_size, crop=tc.crop,
         dtype=tc.dtype, shard_frozen=bool(config.parallel.shard_frozen), remat=bool(tc.remat),
