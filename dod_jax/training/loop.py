@@ -133,8 +133,9 @@ class CompiledStep:
 def compile_step(stage: Stage, state: TrainState, frozen: Frozen, mesh, rules=None, shard_frozen=False) -> CompiledStep:
     """stage.train_step under jax.jit on `mesh`, the batch split over ('data', 'fsdp'), the
     trained state donated, every layer's output split by sample (models.layers.batch_sharded).
-    Replicated, or with shard_frozen FSDP: the frozen model, LPIPS and the large trained tensors (parameters and both optimiser states: ZeRO) split by `rules` and
-    parallel.spec_for's fallback; large tensors no dimension lets it cut are named in a log line."""
+    Replicated, or with shard_frozen FSDP: the frozen model, LPIPS and the large trained tensors
+    (parameters and both optimiser states: ZeRO) split by `rules` and parallel.spec_for's
+    fallback; large tensors no dimension lets it cut are named in a log line."""
     sharded = rules if shard_frozen else None
     # ZeRO for the large trained tensors only: splitting a LoRA matrix saves nothing worth its gathers
     state_sh = parallel.tree_shardings(state, mesh, sharded, min_size=parallel.MIN_SHARDED)
