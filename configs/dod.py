@@ -59,8 +59,11 @@ def get_config() -> ConfigDict:
     })
     # The frozen base: an SD 2.1-base pipeline folder, the converted ADM encoder and the prompt
     # embeddings (README: "The DOD model"). random_seed >= 0 uses random base weights instead
-    # (tests and the demo; never for results).
-    config.base = ConfigDict({"sd": "", "adm": "", "prompts": "", "random_seed": -1})
+    # (tests and the demo; never for results). dtype: how the frozen UNet, VAE, ADM encoder and
+    # LPIPS are stored: 'bfloat16' halves their bytes and each FSDP gather (the authors' code holds
+    # them in fp16; here they are rounded once and computed with in train.dtype); the
+    # trained parts (LoRA, conv_in copy, M_theta, DEMs, skip convs) and the optimiser stay float32.
+    config.base = ConfigDict({"sd": "", "adm": "", "prompts": "", "random_seed": -1, "dtype": "float32"})
     config.data = ConfigDict({
         "root": "",                 # a folder in `layout`, or "demo" for the built-in demo set
         "layout": "aio3",           # aio3 | aio5 | cdd11 (dod_jax.data.layouts)
@@ -81,7 +84,7 @@ def get_config() -> ConfigDict:
         "crop": 256,
         "micro_batches": 1,         # gradient accumulation: the batch in this many slices
         "remat": False,             # rematerialise UNet / VAE blocks in the backward pass
-        "dtype": "float32",         # compute dtype (bfloat16 on accelerators); parameters stay float32
+        "dtype": "float32",         # compute dtype (bfloat16 on accelerators); trained parameters stay float32
         "lr": 5e-5, "fake_lr": 5e-5, "betas": (0.9, 0.999), "weight_decay": 1e-2,
         # Both optimisers' learning rate over the run: 'constant' (the authors' code) or 'cosine'
         # (linear warm-up from 0 over `warmup` steps, then cosine decay to final_lr_fraction x lr

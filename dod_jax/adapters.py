@@ -31,6 +31,10 @@ from flax import nnx
 
 from dod_jax.models.layers import ADAPTERS, Conv2d, Linear, normal_init
 
+# Adapters are trained: their weights are float32 whatever the layer they hang on stores (a
+# base stored in bfloat16, base.dtype); they compute in the layer's dtype.
+TRAINED_DTYPE = jnp.float32
+
 
 @dataclasses.dataclass(frozen=True)
 class _Selection:
@@ -64,7 +68,7 @@ class LoRA(nnx.Module):
 
     def __init__(self, layer: Linear | Conv2d, set_name: str, rank: int, alpha: float, *,
                  film_key: int | None, literal_gamma: bool, rngs):
-        kw = dict(use_bias=False, dtype=layer.dtype, param_dtype=layer.kernel.dtype, rngs=rngs)
+        kw = dict(use_bias=False, dtype=layer.dtype, param_dtype=TRAINED_DTYPE, rngs=rngs)
         if isinstance(layer, Linear):
             self.lora_A = Linear(layer.in_features, rank, **kw)
             self.lora_B = Linear(rank, layer.out_features, **kw)
@@ -125,25 +129,25 @@ class TrainedCopy(nnx.Module):
     replaces = True  # the layer's own output is replaced, not added to (models.layers)
 
     def __init__(self, layer: Linear | Conv2d, set_name: str, *, rngs):
-        kw = dict(use_bias=layer.bias is not None, dtype=layer.dtype, param_dtype=layer.kernel.dtype, rngs=rngs)
+        kw = dict(use_bias=layer.bias is not None, dtype=layer.dtype, param_dtype=TRAINED_DTYPE, rngs=rngs)
         if isinstance(layer, Linear):
             self.copy = Linear(layer.in_features, layer.out_features, **kw)
         else:
             self.copy = Conv2d(layer.in_channels, layer.out_channels, layer.kernel.shape[0], stride=layer.stride,
                                padding=layer.padding, **kw)
-        self.copy.kernel.set_value(layer.kernel[...])
+        self.copy.kernel.set_value(layer.kernel[...].astype(TRAINED_DTYPE))
         if layer.bias is not None:
-            self.copy.bias.set_value(layer.bias[...])
+            self.copy.bias.set_value(layer.bias[...].astype(TRAINED_DTYPE))
         self.set_name = set_name
 
     def __call__(self, x):
         return self.copy(x) if _SELECTED.get().name == self.set_name else None
 
     def merge_into(self, layer, film=None):
-        """The copy's weights become the layer's."""
-        layer.kernel.set_value(self.copy.kernel[...])
+        """The copy's weights become the layer's (in the layer's dtype)."""
+        layer.kernel.set_value(self.copy.kernel[...].astype(layer.kernel.dtype))
         if layer.bias is not None:
-            layer.bias.set_value(self.copy.bias[...])
+            layer.bias.set_value(self.copy.bias[...].astype(layer.bias.dtype))
 
 
 def add_trained_copy(model: nnx.Module, path: str, set_name: str, rngs) -> str:

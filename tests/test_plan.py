@@ -14,11 +14,17 @@ REMAT_WARNING = "Involuntary full rematerialization"
 # 9.8 / 63.6 MiB in stage 1 and 3.7 / 26.9 MiB in stage 2; peaks 154 / 176 MiB and 34 / 58 MiB)
 FSDP8_ARGUMENTS_AT_MOST = 0.25
 FSDP8_PEAK_AT_MOST = {"stage1": 0.95, "stage2": 0.7}
+# data 2 x fsdp 4 with the base and LPIPS stored in bfloat16 against replicated float32, stage 1
+# (measured: arguments 9.8 / 63.6 MiB, peak 153 / 176 MiB; with the weights cast at use but
+# not gathered explicitly, XLA:CPU kept float32 copies and the peak was 206 MiB)
+MIXED_BF16_ARGUMENTS_AT_MOST = 0.2
+MIXED_BF16_PEAK_AT_MOST = 0.95
 
 
-def planned(stage: str, capfd, **parallel) -> plan.StepPlan:
+def planned(stage: str, capfd, base_dtype="float32", **parallel) -> plan.StepPlan:
     config = micro_config()
     config.train.stage = stage
+    config.base.dtype = base_dtype
     config.parallel.update(parallel)
     result = plan.plan_step(config, "cpu:8", per_chip_batch=1, status=lambda _: None)
     warnings = capfd.readouterr().err
@@ -40,9 +46,13 @@ def test_fsdp_steps_compile_without_involuntary_remat_and_cut_the_bytes_per_devi
     assert fsdp8.collectives["all-gather"]["count"] > replicated.collectives["all-gather"]["count"]
     print(f"{stage}: peak {fsdp8.peak_bytes / replicated.peak_bytes:.2f}, arguments "
           f"{fsdp8.argument_bytes / replicated.argument_bytes:.2f} of replicated")
-    if stage == "stage1":  # a mixed mesh too
-        mixed = planned(stage, capfd, data=2, fsdp=4, shard_frozen=True)
+    if stage == "stage1":  # a mixed mesh too, with the base and LPIPS stored in bfloat16
+        mixed = planned(stage, capfd, data=2, fsdp=4, shard_frozen=True, base_dtype="bfloat16")
         assert mixed.mesh == {"data": 2, "fsdp": 4} and mixed.argument_bytes == mixed.sharded_argument_bytes
+        assert mixed.argument_bytes <= MIXED_BF16_ARGUMENTS_AT_MOST * replicated.argument_bytes
+        assert mixed.peak_bytes <= MIXED_BF16_PEAK_AT_MOST * replicated.peak_bytes
+        print(f"data 2 x fsdp 4, bfloat16 base: peak {mixed.peak_bytes / replicated.peak_bytes:.2f}, arguments "
+              f"{mixed.argument_bytes / replicated.argument_bytes:.2f} of replicated float32")
 
 
 def test_a_step_compiles_for_a_tpu_slice_and_its_memory_is_the_sharded_arguments(tmp_path, capsys):

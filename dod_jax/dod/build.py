@@ -41,18 +41,31 @@ def adm_config(config) -> ADMConfig:
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def base_networks(config, rngs, dtype, remat: bool = False) -> tuple[UNet2DCondition, AutoencoderKL, ADMEncoder]:
-    """The SD UNet, VAE and ADM encoder of `config`, initialised from `rngs`."""
-    return (UNet2DCondition(UNetConfig.from_diffusers(config.unet.to_dict()), dtype=dtype, remat=remat, rngs=rngs),
-            AutoencoderKL(VAEConfig.from_diffusers(config.vae.to_dict()), dtype=dtype, remat=remat, rngs=rngs),
-            ADMEncoder(adm_config(config), dtype=dtype, rngs=rngs))
+def storage_dtype(config):
+    """base.dtype: the dtype the frozen base networks and LPIPS are stored in (configs/dod.py);
+    float32 for runs saved before the setting existed."""
+    name = config.base.get("dtype", "float32")
+    if name not in DTYPES:
+        raise ConfigError(f"base.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
-def random_base(config, seed: int = 0, *, dtype=jnp.float32, remat: bool = False) -> BaseModels:
-    """Base models with random weights in the config's shapes (PyTorch-style fan-in init) and
-    random prompt embeddings: for tests and the demo, never for results."""
+def base_networks(config, rngs, dtype, remat: bool = False, *,
+                  param_dtype=jnp.float32) -> tuple[UNet2DCondition, AutoencoderKL, ADMEncoder]:
+    """The SD UNet, VAE and ADM encoder of `config`, initialised from `rngs`, computing in
+    `dtype` with weights stored in `param_dtype`."""
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return (UNet2DCondition(UNetConfig.from_diffusers(config.unet.to_dict()), remat=remat, **kw),
+            AutoencoderKL(VAEConfig.from_diffusers(config.vae.to_dict()), remat=remat, **kw),
+            ADMEncoder(adm_config(config), **kw))
+
+
+def random_base(config, seed: int = 0, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False) -> BaseModels:
+    """Base models with random weights in the config's shapes (PyTorch-style fan-in init, drawn
+    in float64 and rounded to `param_dtype`) and random prompt embeddings: for tests and the
+    demo, never for results."""
     rngs = NumpyRngs(seed)
-    unet, vae, adm = base_networks(config, rngs, dtype, remat)
+    unet, vae, adm = base_networks(config, rngs, dtype, remat, param_dtype=param_dtype)
     schedule = DDPMSchedule.from_config(config.scheduler.to_dict())
     shape = (config.prompt_length, unet.config.cross_attention_dim)
     generator = np.random.default_rng(seed)
@@ -61,9 +74,9 @@ def random_base(config, seed: int = 0, *, dtype=jnp.float32, remat: bool = False
 
 
 def load_base(sd_folder: str | os.PathLike, adm_file: str | os.PathLike, prompts_file: str | os.PathLike,
-              *, dtype=jnp.float32, remat: bool = False) -> BaseModels:
-    sd = load_pipeline(sd_folder, dtype=dtype, remat=remat)
-    return BaseModels(sd, load_adm(adm_file, dtype=dtype),
+              *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False) -> BaseModels:
+    sd = load_pipeline(sd_folder, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    return BaseModels(sd, load_adm(adm_file, dtype=dtype, param_dtype=param_dtype),
                       load_prompt_embeddings(prompts_file, sd.unet.config.cross_attention_dim))
 
 
@@ -72,12 +85,11 @@ BASE_FILES = {"sd": "the SD 2.1-base pipeline folder", "adm": "the converted ADM
 
 
 def base_models(config, *, dtype: str | None = None) -> BaseModels:
-    """The frozen base `config.base` names (random weights when base.random_seed >= 0), in
-    `dtype` (default config.train.dtype)."""
-    dtype = DTYPES[dtype or config.train.dtype]
-    remat = config.train.remat
+    """The frozen base `config.base` names (random weights when base.random_seed >= 0), computing
+    in `dtype` (default config.train.dtype), stored in base.dtype."""
+    kw = dict(dtype=DTYPES[dtype or config.train.dtype], param_dtype=storage_dtype(config), remat=config.train.remat)
     if config.base.random_seed >= 0:
-        return random_base(config, config.base.random_seed, dtype=dtype, remat=remat)
+        return random_base(config, config.base.random_seed, **kw)
     missing = [f"base.{k} ({what})" for k, what in BASE_FILES.items() if not config.base[k]]
     if missing:
         raise ConfigError(f"the config names no {', '.join(missing)}; or set base.random_seed >= 0 for random weights")
@@ -85,7 +97,7 @@ def base_models(config, *, dtype: str | None = None) -> BaseModels:
               if not Path(config.base[k]).exists()]
     if absent:
         raise WeightsError("base weights not found: " + "; ".join(absent))
-    return load_base(config.base.sd, config.base.adm, config.base.prompts, dtype=dtype, remat=remat)
+    return load_base(config.base.sd, config.base.adm, config.base.prompts, **kw)
 
 
 def base_identity(config, root: Path | None = None) -> dict:
@@ -128,12 +140,21 @@ def build_dod(config, base: BaseModels, seed: int = 0) -> DOD:
                config.dod, rngs=NumpyRngs(seed + 1))
 
 
+def shaped_base(config, rngs, *, dtype=jnp.float32, remat: bool = False) -> BaseModels:
+    """The base of `config` for shape-only builds (under nnx.eval_shape / jax.eval_shape; with
+    FixedKeyRngs): its networks stored in base.dtype, zero prompt embeddings."""
+    unet, vae, adm = base_networks(config, rngs, dtype, remat, param_dtype=storage_dtype(config))
+    shape = (config.prompt_length, unet.config.cross_attention_dim)
+    prompts = {k: np.zeros(shape, np.float32) for k in ("prompt", "negative_prompt")}
+    return BaseModels(SDPipeline(unet, vae, DDPMSchedule.from_config(config.scheduler.to_dict())), adm, prompts)
+
+
 def abstract_dod(config, *, dtype=jnp.float32) -> DOD:
     """DOD in the config's shapes with no values (nnx.eval_shape): parameter counts, sharding
     plans, and the structure checkpoints restore into."""
     def make():
         rngs = FixedKeyRngs()
-        unet, vae, adm = base_networks(config, rngs, dtype)
-        prompt = jnp.zeros((config.prompt_length, unet.config.cross_attention_dim))
-        return DOD(unet, vae, adm, DDPMSchedule.from_config(config.scheduler.to_dict()), prompt, config.dod, rngs=rngs)
+        base = shaped_base(config, rngs, dtype=dtype)
+        return DOD(base.sd.unet, base.sd.vae, base.adm, base.sd.schedule, base.prompt_embeddings["prompt"],
+                   config.dod, rngs=rngs)
     return nnx.eval_shape(make)

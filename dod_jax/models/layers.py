@@ -109,6 +109,16 @@ def batch_sharded(x):
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(mesh.axis_names))
 
 
+def gathered(weight):
+    """`weight` whole on every device of the mesh in context (an FSDP-sharded weight gathered
+    for its layer's use, in the dtype it is stored in: a base stored in bfloat16 moves half the
+    bytes), or `weight` itself outside one; the layer casts it to its compute dtype after."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return weight
+    return jax.lax.with_sharding_constraint(weight, jax.sharding.PartitionSpec())
+
+
 def add_adapter_outputs(layer: nnx.Module, x, y):
     """y plus the outputs of the additive adapters hung on `layer` under ADAPTERS (see
     dod_jax.adapters); an adapter returns None when its set is not selected for this call."""
@@ -134,7 +144,7 @@ class Linear(nnx.Module):
         replaced = replacement_output(self, x)
         if replaced is not None:
             return batch_sharded(replaced)
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = jnp.dot(x.astype(self.dtype), gathered(self.kernel[...]).astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return batch_sharded(add_adapter_outputs(self, x, y))
@@ -159,7 +169,7 @@ class Conv2d(nnx.Module):
         replaced = replacement_output(self, x)
         if replaced is not None:
             return batch_sharded(replaced)
-        kernel = self.kernel[...].astype(self.dtype)
+        kernel = gathered(self.kernel[...]).astype(self.dtype)
         if kernel.shape[0] == kernel.shape[1] == 1 and self.stride == 1 and self.padding == 0:
             y = jnp.dot(x.astype(self.dtype), kernel[0, 0])
         else:

@@ -30,7 +30,7 @@ from dod_jax.data import layouts
 from dod_jax.data.demo import write_demo_set
 from dod_jax.data.pipeline import STAGE1_RATIO, STAGE2_RATIO, TrainBatches, sources_from_pairs
 from dod_jax.errors import ConfigError
-from dod_jax.dod.build import BaseModels, base_identity, base_models, build_dod, same_base
+from dod_jax.dod.build import BaseModels, base_identity, base_models, build_dod, same_base, storage_dtype
 from dod_jax.image_ops import to_uint8
 from dod_jax.losses.lpips import load_lpips
 from dod_jax.models.layers import NumpyRngs
@@ -184,7 +184,7 @@ def run(config, workdir, *, stop_at: int | None = None) -> dict:
 
     base, identity = base_models(config), base_identity(config)
     model = training_model(config, base)
-    lpips = load_lpips(tc.lpips_weights) if tc.stage == "stage1" else None
+    lpips = load_lpips(tc.lpips_weights, param_dtype=storage_dtype(config)) if tc.stage == "stage1" else None
     stage, state, frozen = Stage.create(model, tc, lpips)
     compiled = compile_step(stage, state, frozen, mesh, parallel.rules_dict(config.parallel.rules),
                             config.parallel.shard_frozen)

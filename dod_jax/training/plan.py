@@ -29,14 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dod_jax import parallel
-from dod_jax.dod.build import DTYPES, BaseModels, base_networks
+from dod_jax.dod.build import DTYPES, shaped_base, storage_dtype
 from dod_jax.errors import ConfigError
 from dod_jax.losses.lpips import LPIPS
 from dod_jax.models.layers import FixedKeyRngs
-from dod_jax.schedule import DDPMSchedule
 from dod_jax.training.loop import compile_step, training_model
 from dod_jax.training.steps import Stage
-from dod_jax.weights.diffusers import SDPipeline
 
 GIB = 2 ** 30
 # Memory per chip and peak dense bfloat16 FLOP/s per chip (Google Cloud's TPU pages).
@@ -77,12 +75,9 @@ def abstract_stage(config) -> tuple[Stage, object, object]:
 
     def make():
         rngs = FixedKeyRngs()
-        unet, vae, adm = base_networks(config, rngs, DTYPES[tc.dtype], tc.remat)
-        shape = (config.prompt_length, unet.config.cross_attention_dim)
-        prompts = {k: np.zeros(shape, np.float32) for k in ("prompt", "negative_prompt")}
-        base = BaseModels(SDPipeline(unet, vae, DDPMSchedule.from_config(config.scheduler.to_dict())), adm, prompts)
-        model = training_model(config, base, load_stage1=False)
-        lpips = LPIPS(rngs=rngs) if tc.stage == "stage1" else None
+        model = training_model(config, shaped_base(config, rngs, dtype=DTYPES[tc.dtype], remat=tc.remat),
+                               load_stage1=False)
+        lpips = LPIPS(param_dtype=storage_dtype(config), rngs=rngs) if tc.stage == "stage1" else None
         stage, state, frozen = Stage.create(model, tc, lpips)
         holder.append(stage)
         return state, frozen
