@@ -3,10 +3,10 @@ CPU host (dod_jax.training.plan, through libtpu: the tpu-aot extra): per chip th
 whether it fits, FLOPs, collectives, for each slice x layout x stage x crop asked for.
 
     JAX_PLATFORMS=cpu python bench/tpu_aot.py [--topologies v5e:2x4 v5e:4x4] [--crops 256 512]
-        [--layouts replicated fsdp] [--stages stage1 stage2] [--per-chip-batch 1]
+        [--layouts replicated fsdp fsdp-bf16] [--stages stage1 stage2] [--per-chip-batch 1]
 
 Layouts: replicated (float32 base on every chip), fsdp (the base and LPIPS split over all
-chips). Each case is appended to bench/results/tpu_aot.json as it finishes (a cut run keeps
+chips), fsdp-bf16 (the same stored in bfloat16: base.dtype). Each case is appended to bench/results/tpu_aot.json as it finishes (a cut run keeps
 what it compiled); a case compiled again replaces its row.
 """
 
@@ -25,7 +25,8 @@ from dod_jax.configs import load_config  # noqa: E402
 from dod_jax.machine import cpu_model  # noqa: E402
 from dod_jax.training.plan import plan_step, topology_devices  # noqa: E402
 
-LAYOUTS = {"replicated": {"fsdp": 1, "shard_frozen": False}, "fsdp": {"fsdp": -1, "shard_frozen": True}}
+# (parallel.fsdp, with -1 for every chip; parallel.shard_frozen; base.dtype)
+LAYOUTS = {"replicated": (1, False, "float32"), "fsdp": (-1, True, "float32"), "fsdp-bf16": (-1, True, "bfloat16")}
 
 
 def main():
@@ -39,7 +40,8 @@ def main():
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tpu_aot.json")
     args = parser.parse_args()
 
-    key = lambda r: (r["topology"], r["crop"], r["layout"], r["stage"], r["global_batch"], r["dtype"], r["remat"])
+    key = lambda r: (r["topology"], r["crop"], r["layout"], r["stage"], r["global_batch"], r["dtype"],
+                     r.get("base_dtype", "float32"), r["remat"])
     rows = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
     for topology in args.topologies:
         devices = topology_devices(topology)
@@ -49,10 +51,9 @@ def main():
                     config = load_config(args.config)
                     config.base.random_seed = 0  # shapes only: no base weights are read
                     config.train.update(stage=stage, crop=crop)
-                    shape = dict(LAYOUTS[layout])
-                    if shape["fsdp"] == -1:
-                        shape["fsdp"] = len(devices)
-                    config.parallel.update(data=len(devices) // shape["fsdp"], **shape)
+                    fsdp, shard_frozen, config.base.dtype = LAYOUTS[layout]
+                    fsdp = len(devices) if fsdp == -1 else fsdp
+                    config.parallel.update(data=len(devices) // fsdp, fsdp=fsdp, shard_frozen=shard_frozen)
                     result = plan_step(config, topology, args.per_chip_batch, devices,
                                        status=lambda s: print(s, flush=True))
                     print(result.line(), f"(compiled in {result.compile_s:.0f} s)", flush=True)

@@ -49,6 +49,7 @@ def test_fsdp_steps_compile_without_involuntary_remat_and_cut_the_bytes_per_devi
     if stage == "stage1":  # a mixed mesh too, with the base and LPIPS stored in bfloat16
         mixed = planned(stage, capfd, data=2, fsdp=4, shard_frozen=True, base_dtype="bfloat16")
         assert mixed.mesh == {"data": 2, "fsdp": 4} and mixed.argument_bytes == mixed.sharded_argument_bytes
+        assert "float32 (bfloat16 base) fsdp-sharded base" in mixed.line()
         assert mixed.argument_bytes <= MIXED_BF16_ARGUMENTS_AT_MOST * replicated.argument_bytes
         assert mixed.peak_bytes <= MIXED_BF16_PEAK_AT_MOST * replicated.peak_bytes
         print(f"data 2 x fsdp 4, bfloat16 base: peak {mixed.peak_bytes / replicated.peak_bytes:.2f}, arguments "

@@ -120,7 +120,8 @@ class StepPlan:
     mesh: dict
     global_batch: int
     crop: int
-    dtype: str
+    dtype: str                    # train.dtype: what the step computes in
+    base_dtype: str               # base.dtype: what the frozen base and LPIPS are stored in
     shard_frozen: bool
     remat: bool
     argument_arrays: int          # the arrays the step reads (jit drops the others)
@@ -144,6 +145,7 @@ class StepPlan:
         bound = "" if self.min_step_s is None else f"  >= {self.min_step_s * 1e3:.1f} ms/step"
         gathers = ", ".join(f"{k} {v['count']} ({size(v['bytes'])})" for k, v in self.collectives.items() if v["count"])
         return (f"{self.stage} on {self.topology} mesh {self.mesh} batch {self.global_batch}x{self.crop}^2 {self.dtype}"
+                f"{f' ({self.base_dtype} base)' if self.base_dtype != self.dtype else ''}"
                 f"{' fsdp-sharded base' if self.shard_frozen else ''}{' remat' if self.remat else ''}: "
                 f"peak {size(self.peak_bytes)} per device (arguments {size(self.argument_bytes)}, "
                 f"temp {size(self.temp_bytes)}, output {size(self.output_bytes)}, aliased "
@@ -182,7 +184,7 @@ def plan_step(config, topology: str, per_chip_batch: int, devices=None, status=p
     chip_memory, chip_flops = chip_of(topology)
     return StepPlan(
         stage=tc.stage, topology=topology, mesh=dict(mesh.shape), global_batch=batch_size, crop=tc.crop,
-        dtype=tc.dtype, shard_frozen=bool(config.parallel.shard_frozen), remat=bool(tc.remat),
+        dtype=tc.dtype, base_dtype=config.base.dtype, shard_frozen=bool(config.parallel.shard_frozen), remat=bool(tc.remat),
         argument_arrays=len(kept), sharded_argument_bytes=stored,
         argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
         temp_bytes=memory.temp_size_in_bytes, alias_bytes=memory.alias_size_in_bytes, peak_bytes=peak,
