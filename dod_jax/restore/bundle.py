@@ -128,7 +128,8 @@ def _checkpoint_meta(path: Path) -> dict:
     from dod_jax.training.checkpoints import CheckpointError, locate
     try:
         checkpoints, step = locate(path)
-        return checkpoints.meta(step)
+        with checkpoints:
+            return checkpoints.meta(step)
     except CheckpointError as e:
         raise BundleError(f"{e} (and {path} is no restore bundle: it has no {BUNDLE_FILE})") from e
 

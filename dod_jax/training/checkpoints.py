@@ -71,10 +71,16 @@ class Checkpoints:
     def close(self):
         self.manager.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 def locate(path: str | os.PathLike) -> tuple[Checkpoints, int]:
     """The checkpoints and the step that `path` names: a run's workdir or its checkpoints
-    directory (the latest step), or one step's directory."""
+    directory (the latest step), or one step's directory. The caller closes them (`with`)."""
     path = Path(path).resolve()
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
@@ -85,6 +91,7 @@ def locate(path: str | os.PathLike) -> tuple[Checkpoints, int]:
     checkpoints = Checkpoints(directory, read_only=True)
     step = checkpoints.latest_step() if step is None else step
     if step is None:
+        checkpoints.close()
         raise CheckpointError(f"{directory}: holds no checkpoint")
     return checkpoints, step
 
@@ -93,16 +100,16 @@ def load_trained_params(model, path: str | os.PathLike, stages=("stage1",)) -> d
     """Put the parameters of `stages` from a checkpoint into `model`; `path` as `locate` takes
     it. Returns its meta."""
     checkpoints, step = locate(path)
-    directory = checkpoints.directory
     wanted = nnx.state(model, nnx.Any(*(trainable(s) for s in stages)))
     target = nnx.to_pure_dict(all_trained(model))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
-    try:
-        restored = checkpoints.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"{directory} step {step}: its trained parameters do not fit this model "
-                              f"(the config differs from the one it was trained with?): {e}") from e
+    with checkpoints:
+        try:
+            restored = checkpoints.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(f"{checkpoints.directory} step {step}: its trained parameters do not fit this "
+                                  f"model (the config differs from the one it was trained with?): {e}") from e
     nnx.replace_by_pure_dict(wanted, _same_keys(nnx.to_pure_dict(wanted), restored["params"]))
     nnx.update(model, wanted)
     return restored["meta"]
