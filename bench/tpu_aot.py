@@ -3,7 +3,8 @@ CPU host (dod_jax.training.plan, through libtpu: the tpu-aot extra): per chip th
 whether it fits, FLOPs, collectives, for each slice x layout x stage x crop asked for.
 
     JAX_PLATFORMS=cpu python bench/tpu_aot.py [--topologies v5e:2x4 v5e:4x4] [--crops 256 512]
-        [--layouts replicated fsdp fsdp-bf16] [--stages stage1 stage2] [--per-chip-batch 1]
+        [--layouts replicated fsdp fsdp-bf16] [--remats none blocks dots] [--stages stage1 stage2]
+        [--per-chip-batch 1]
 
 Layouts: replicated (float32 base on every chip), fsdp (the base and LPIPS split over all
 chips), fsdp-bf16 (the same stored in bfloat16: base.dtype). Each case is appended to bench/results/tpu_aot.json as it finishes (a cut run keeps
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -23,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from dod_jax.configs import load_config  # noqa: E402
 from dod_jax.machine import cpu_model  # noqa: E402
+from dod_jax.models.layers import REMAT_POLICIES  # noqa: E402
 from dod_jax.training.plan import plan_step, topology_devices  # noqa: E402
 
 # (parallel.fsdp, with -1 for every chip; parallel.shard_frozen; base.dtype)
@@ -35,6 +38,7 @@ def main():
     parser.add_argument("--topologies", nargs="+", default=["v5e:2x4"])
     parser.add_argument("--crops", type=int, nargs="+", default=[256])
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--remats", nargs="+", default=["none"], choices=["none", *REMAT_POLICIES])
     parser.add_argument("--stages", nargs="+", default=["stage1", "stage2"], choices=["stage1", "stage2"])
     parser.add_argument("--per-chip-batch", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tpu_aot.json")
@@ -46,21 +50,20 @@ def main():
     for topology in args.topologies:
         devices = topology_devices(topology)
         for crop in args.crops:
-            for layout in args.layouts:
-                for stage in args.stages:
-                    config = load_config(args.config)
-                    config.base.random_seed = 0  # shapes only: no base weights are read
-                    config.train.update(stage=stage, crop=crop)
-                    fsdp, shard_frozen, config.base.dtype = LAYOUTS[layout]
-                    fsdp = len(devices) if fsdp == -1 else fsdp
-                    config.parallel.update(data=len(devices) // fsdp, fsdp=fsdp, shard_frozen=shard_frozen)
-                    result = plan_step(config, topology, args.per_chip_batch, devices,
-                                       status=lambda s: print(s, flush=True))
-                    print(result.line(), f"(compiled in {result.compile_s:.0f} s)", flush=True)
-                    row = {"layout": layout, **dataclasses.asdict(result)}
-                    rows = [r for r in rows if key(r) != key(row)] + [row]
-                    args.out.write_text(json.dumps({"what": __doc__.split("\n\n")[0].replace("\n", " "),
-                                                    "host_cpu": cpu_model(), "runs": rows}, indent=2))
+            for layout, remat, stage in itertools.product(args.layouts, args.remats, args.stages):
+                config = load_config(args.config)
+                config.base.random_seed = 0  # shapes only: no base weights are read
+                config.train.update(stage=stage, crop=crop, remat=remat)
+                fsdp, shard_frozen, config.base.dtype = LAYOUTS[layout]
+                fsdp = len(devices) if fsdp == -1 else fsdp
+                config.parallel.update(data=len(devices) // fsdp, fsdp=fsdp, shard_frozen=shard_frozen)
+                result = plan_step(config, topology, args.per_chip_batch, devices,
+                                   status=lambda s: print(s, flush=True))
+                print(result.line(), f"(compiled in {result.compile_s:.0f} s)", flush=True)
+                row = {"layout": layout, **dataclasses.asdict(result)}
+                rows = [r for r in rows if key(r) != key(row)] + [row]
+                args.out.write_text(json.dumps({"what": __doc__.split("\n\n")[0].replace("\n", " "),
+                                                "host_cpu": cpu_model(), "runs": rows}, indent=2))
     print(f"wrote {args.out}")
 
 

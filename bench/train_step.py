@@ -9,7 +9,7 @@ LPIPS-VGG16 weights `make` writes, a batch of random LQ / GT crops. Measures:
   fake score = base + fake LoRA) against three separate UNet copies, as the authors' code holds.
 Writes bench/results/train_step_<backend>_crop<crop>.json.
 
-    python bench/train_step.py [--crop 64] [--batch 2] [--steps 3] [--remat]
+    python bench/train_step.py [--crop 64] [--batch 2] [--steps 3] [--remat blocks|dots]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from dod_jax.configs import load_config  # noqa: E402
 from dod_jax.dod.build import base_models  # noqa: E402
 from dod_jax.dod.model import GENERATOR  # noqa: E402
 from dod_jax.losses.lpips import load_lpips  # noqa: E402
+from dod_jax.models.layers import REMAT_POLICIES  # noqa: E402
 from dod_jax.training.loop import training_model  # noqa: E402
 from dod_jax.training.steps import FAKE, Stage  # noqa: E402
 
@@ -48,7 +49,7 @@ def main():
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--remat", default="none", choices=["none", *REMAT_POLICIES])
     args = parser.parse_args()
     config = load_config(args.config)
     config.base.random_seed = 0

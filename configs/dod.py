@@ -83,7 +83,10 @@ def get_config() -> ConfigDict:
         "scale_batch": True,
         "crop": 256,
         "micro_batches": 1,         # gradient accumulation: the batch in this many slices
-        "remat": False,             # rematerialise UNet / VAE blocks in the backward pass
+        # Rematerialise the UNet's and VAE's blocks in the backward pass: 'none', 'blocks' (keep
+        # nothing of a block: least memory, its forward runs twice) or 'dots' (keep its matmul and
+        # convolution outputs; models.layers.REMAT_POLICIES). True / False in saved configs.
+        "remat": "none",
         "dtype": "float32",         # compute dtype (bfloat16 on accelerators); trained parameters stay float32
         "lr": 5e-5, "fake_lr": 5e-5, "betas": (0.9, 0.999), "weight_decay": 1e-2,
         # Both optimisers' learning rate over the run: 'constant' (the authors' code) or 'cosine'

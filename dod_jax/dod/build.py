@@ -50,7 +50,7 @@ def storage_dtype(config):
     return DTYPES[name]
 
 
-def base_networks(config, rngs, dtype, remat: bool = False, *,
+def base_networks(config, rngs, dtype, remat: bool | str = False, *,
                   param_dtype=jnp.float32) -> tuple[UNet2DCondition, AutoencoderKL, ADMEncoder]:
     """The SD UNet, VAE and ADM encoder of `config`, initialised from `rngs`, computing in
     `dtype` with weights stored in `param_dtype`."""
@@ -60,7 +60,8 @@ def base_networks(config, rngs, dtype, remat: bool = False, *,
             ADMEncoder(adm_config(config), **kw))
 
 
-def random_base(config, seed: int = 0, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False) -> BaseModels:
+def random_base(config, seed: int = 0, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                remat: bool | str = False) -> BaseModels:
     """Base models with random weights in the config's shapes (PyTorch-style fan-in init, drawn
     in float64 and rounded to `param_dtype`) and random prompt embeddings: for tests and the
     demo, never for results."""
@@ -74,7 +75,7 @@ def random_base(config, seed: int = 0, *, dtype=jnp.float32, param_dtype=jnp.flo
 
 
 def load_base(sd_folder: str | os.PathLike, adm_file: str | os.PathLike, prompts_file: str | os.PathLike,
-              *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False) -> BaseModels:
+              *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool | str = False) -> BaseModels:
     sd = load_pipeline(sd_folder, dtype=dtype, param_dtype=param_dtype, remat=remat)
     return BaseModels(sd, load_adm(adm_file, dtype=dtype, param_dtype=param_dtype),
                       load_prompt_embeddings(prompts_file, sd.unet.config.cross_attention_dim))
@@ -140,7 +141,7 @@ def build_dod(config, base: BaseModels, seed: int = 0) -> DOD:
                config.dod, rngs=NumpyRngs(seed + 1))
 
 
-def shaped_base(config, rngs, *, dtype=jnp.float32, remat: bool = False) -> BaseModels:
+def shaped_base(config, rngs, *, dtype=jnp.float32, remat: bool | str = False) -> BaseModels:
     """The base of `config` for shape-only builds (under nnx.eval_shape / jax.eval_shape; with
     FixedKeyRngs): its networks stored in base.dtype, zero prompt embeddings."""
     unet, vae, adm = base_networks(config, rngs, dtype, remat, param_dtype=storage_dtype(config))

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dod_jax.errors import ConfigError
+
 Dtype = jnp.dtype
 
 
@@ -362,12 +364,30 @@ class SpatialSelfAttention(Attention):
         return x + super().__call__(tokens).reshape(b, h, w, c)
 
 
-def call_maybe_remat(remat: bool, fn: Callable, module: nnx.Module, *args):
-    """Call `fn(module, *args)`, rematerialised in the backward pass when `remat` is set.
-    Non-array arguments must be closed over in `fn`."""
-    if remat:
-        return nnx.remat(fn)(module, *args)
-    return fn(module, *args)
+# What a rematerialised block keeps for its backward pass (the models' `remat`, train.remat):
+# 'blocks' nothing (its whole forward runs again), 'dots' the outputs of its matmuls and
+# convolutions (the rest, norms, activations and attention's softmax, runs again).
+REMAT_POLICIES = {"blocks": None, "dots": jax.checkpoint_policies.dots_saveable}
+
+
+def remat_mode(remat) -> str | None:
+    """A remat setting as a REMAT_POLICIES name, or None for none: 'none' and False are none,
+    True is 'blocks' (the setting was a bool before the policies)."""
+    if remat in (False, None, "none"):
+        return None
+    if remat is True:
+        return "blocks"
+    if remat not in REMAT_POLICIES:
+        raise ConfigError(f"remat must be 'none' or one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+    return remat
+
+
+def call_maybe_remat(remat: str | None, fn: Callable, module: nnx.Module, *args):
+    """Call `fn(module, *args)`, rematerialised in the backward pass with policy `remat` (a
+    remat_mode result). Non-array arguments must be closed over in `fn`."""
+    if remat is None:
+        return fn(module, *args)
+    return nnx.remat(fn, policy=REMAT_POLICIES[remat])(module, *args)
 
 
 def as_tuple(value, n: int, name: str) -> tuple:

@@ -19,7 +19,7 @@ from flax import nnx
 
 from dod_jax.models.config import check_config
 from dod_jax.models.layers import (Attention, Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear,
-                                   ResnetBlock2D, Upsample2D, as_tuple, call_maybe_remat)
+                                   ResnetBlock2D, Upsample2D, as_tuple, call_maybe_remat, remat_mode)
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -312,14 +312,15 @@ class UNet2DCondition(nnx.Module):
     dtype: compute dtype of activations (e.g. jnp.bfloat16); param_dtype: storage dtype.
     output_dtype: compute dtype of the output head (conv_norm_out, conv_out) and of the output;
     None: the compute dtype.
-    remat: rematerialise each down/mid/up block in the backward pass.
+    remat: rematerialise each down/mid/up block in the backward pass: 'blocks' (or True) or
+    'dots' (layers.REMAT_POLICIES); 'none' (or False) not.
     attention_impl: see layers.dot_product_attention ("auto", "chunked", None, "xla", "cudnn").
     """
 
-    def __init__(self, config: UNetConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+    def __init__(self, config: UNetConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool | str = False,
                  attention_impl: str | None = "auto", output_dtype=jnp.float32, rngs: nnx.Rngs):
         cfg = config
-        self.config, self.dtype, self.remat = cfg, dtype, remat
+        self.config, self.dtype, self.remat = cfg, dtype, remat_mode(remat)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         blocks = dict(attention_impl=attention_impl, **kw)
         ch = cfg.block_out_channels

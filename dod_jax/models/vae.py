@@ -17,7 +17,7 @@ from flax import nnx, struct
 
 from dod_jax.models.config import check_config
 from dod_jax.models.layers import (Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, SpatialSelfAttention,
-                                   Upsample2D, call_maybe_remat, normal_per_sample)
+                                   Upsample2D, call_maybe_remat, normal_per_sample, remat_mode)
 
 VAE_EPS = 1e-6
 
@@ -144,7 +144,7 @@ class Encoder(nnx.Module):
     def __init__(self, cfg: VAEConfig, *, remat, attention_impl, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         ch, g = cfg.block_out_channels, cfg.norm_num_groups
-        self.remat = remat
+        self.remat = remat_mode(remat)
         self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, **kw)
         self.down_blocks = nnx.List([
             EncoderBlock(ch[max(i - 1, 0)], ch[i], n_layers=cfg.layers_per_block, groups=g,
@@ -170,7 +170,7 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: VAEConfig, *, remat, attention_impl, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         rev, g = cfg.block_out_channels[::-1], cfg.norm_num_groups
-        self.remat = remat
+        self.remat = remat_mode(remat)
         self.conv_in = Conv2d(cfg.latent_channels, rev[0], 3, **kw)
         self.mid_block = MidBlock(rev[0], groups=g, add_attention=cfg.mid_block_add_attention,
                                   attention_impl=attention_impl, **kw)
@@ -191,9 +191,10 @@ class Decoder(nnx.Module):
 
 
 class AutoencoderKL(nnx.Module):
-    """dtype: compute dtype; param_dtype: storage dtype; remat: per encoder/decoder block."""
+    """dtype: compute dtype; param_dtype: storage dtype; remat: per encoder/decoder block, as
+    UNet2DCondition's."""
 
-    def __init__(self, config: VAEConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+    def __init__(self, config: VAEConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool | str = False,
                  attention_impl: str | None = "auto", rngs: nnx.Rngs):
         kw = dict(remat=remat, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config, self.dtype = config, dtype

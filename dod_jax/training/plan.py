@@ -32,7 +32,7 @@ from dod_jax import parallel
 from dod_jax.dod.build import DTYPES, shaped_base, storage_dtype
 from dod_jax.errors import ConfigError
 from dod_jax.losses.lpips import LPIPS
-from dod_jax.models.layers import FixedKeyRngs
+from dod_jax.models.layers import FixedKeyRngs, remat_mode
 from dod_jax.training.loop import compile_step, training_model
 from dod_jax.training.steps import Stage
 
@@ -123,7 +123,7 @@ class StepPlan:
     dtype: str                    # train.dtype: what the step computes in
     base_dtype: str               # base.dtype: what the frozen base and LPIPS are stored in
     shard_frozen: bool
-    remat: bool
+    remat: str                    # train.remat: 'none', 'blocks' or 'dots'
     argument_arrays: int          # the arrays the step reads (jit drops the others)
     sharded_argument_bytes: int   # their bytes on one device by their shardings (the arithmetic)
     argument_bytes: int           # the compiler's: the same with its padding to the device's tiles
@@ -146,7 +146,8 @@ class StepPlan:
         gathers = ", ".join(f"{k} {v['count']} ({size(v['bytes'])})" for k, v in self.collectives.items() if v["count"])
         return (f"{self.stage} on {self.topology} mesh {self.mesh} batch {self.global_batch}x{self.crop}^2 {self.dtype}"
                 f"{f' ({self.base_dtype} base)' if self.base_dtype != self.dtype else ''}"
-                f"{' fsdp-sharded base' if self.shard_frozen else ''}{' remat' if self.remat else ''}: "
+                f"{' fsdp-sharded base' if self.shard_frozen else ''}"
+                f"{f' remat {self.remat}' if self.remat != 'none' else ''}: "
                 f"peak {size(self.peak_bytes)} per device (arguments {size(self.argument_bytes)}, "
                 f"temp {size(self.temp_bytes)}, output {size(self.output_bytes)}, aliased "
                 f"{size(self.alias_bytes)}){fit}{flops}{bound}; collectives: {gathers or 'none'}")
@@ -184,7 +185,8 @@ def plan_step(config, topology: str, per_chip_batch: int, devices=None, status=p
     chip_memory, chip_flops = chip_of(topology)
     return StepPlan(
         stage=tc.stage, topology=topology, mesh=dict(mesh.shape), global_batch=batch_size, crop=tc.crop,
-        dtype=tc.dtype, base_dtype=config.base.dtype, shard_frozen=bool(config.parallel.shard_frozen), remat=bool(tc.remat),
+        dtype=tc.dtype, base_dtype=config.base.dtype, shard_frozen=bool(config.parallel.shard_frozen),
+        remat=remat_mode(tc.remat) or "none",
         argument_arrays=len(kept), sharded_argument_bytes=stored,
         argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
         temp_bytes=memory.temp_size_in_bytes, alias_bytes=memory.alias_size_in_bytes, peak_bytes=peak,
