@@ -7,8 +7,9 @@ whether it fits, FLOPs, collectives, for each slice x layout x stage x crop aske
         [--per-chip-batch 1]
 
 Layouts: replicated (float32 base on every chip), fsdp (the base and LPIPS split over all
-chips), fsdp-bf16 (the same stored in bfloat16: base.dtype). Each case is appended to bench/results/tpu_aot.json as it finishes (a cut run keeps
-what it compiled); a case compiled again replaces its row.
+chips), fsdp-bf16 (the same stored in bfloat16: base.dtype). Each case is appended to
+bench/results/tpu_aot.json as it finishes (a cut run keeps what it compiled); a case compiled
+again replaces its row.
 """
 
 from __future__ import annotations

@@ -88,7 +88,8 @@ BASE_FILES = {"sd": "the SD 2.1-base pipeline folder", "adm": "the converted ADM
 def base_models(config, *, dtype: str | None = None) -> BaseModels:
     """The frozen base `config.base` names (random weights when base.random_seed >= 0), computing
     in `dtype` (default config.train.dtype), stored in base.dtype."""
-    kw = dict(dtype=DTYPES[dtype or config.train.dtype], param_dtype=storage_dtype(config), remat=config.train.remat)
+    kw = dict(dtype=DTYPES[dtype or config.train.dtype], param_dtype=storage_dtype(config),
+              remat=config.train.remat)
     if config.base.random_seed >= 0:
         return random_base(config, config.base.random_seed, **kw)
     missing = [f"base.{k} ({what})" for k, what in BASE_FILES.items() if not config.base[k]]

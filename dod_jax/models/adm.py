@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dod_jax.models.layers import (Conv2d, GroupNorm, Linear, batch_sharded, dot_product_attention, gathered,
-                                   uniform_fan_in)
+from dod_jax.models.layers import (Conv2d, GroupNorm, Linear, batch_sharded, dot_product_attention, uniform_fan_in,
+                                   weight_at_use)
 from dod_jax.models.unet import timestep_embedding
 
 Dtype = jnp.dtype
@@ -67,7 +67,7 @@ class Conv1d(nnx.Module):
         self.bias = nnx.Param(uniform_fan_in(rngs, (out_channels,), in_channels, param_dtype))
 
     def __call__(self, x):
-        return batch_sharded(jnp.dot(x.astype(self.dtype), gathered(self.kernel[0]).astype(self.dtype))
+        return batch_sharded(jnp.dot(x.astype(self.dtype), weight_at_use(self.kernel[0], self.dtype))
                              + self.bias[...].astype(self.dtype))
 
 

@@ -111,14 +111,15 @@ def batch_sharded(x):
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(mesh.axis_names))
 
 
-def gathered(weight):
-    """`weight` whole on every device of the mesh in context (an FSDP-sharded weight gathered
-    for its layer's use, in the dtype it is stored in: a base stored in bfloat16 moves half the
-    bytes), or `weight` itself outside one; the layer casts it to its compute dtype after."""
+def weight_at_use(weight, dtype):
+    """A layer's weight for its computation: whole on every device of the mesh in context (an
+    FSDP-sharded weight gathered just before its layer, in the dtype it is stored in: a base
+    stored in bfloat16 moves half the bytes), then cast to the compute `dtype`; outside a mesh
+    only the cast."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return weight
-    return jax.lax.with_sharding_constraint(weight, jax.sharding.PartitionSpec())
+    if not mesh.empty:
+        weight = jax.lax.with_sharding_constraint(weight, jax.sharding.PartitionSpec())
+    return weight.astype(dtype)
 
 
 def add_adapter_outputs(layer: nnx.Module, x, y):
@@ -146,7 +147,7 @@ class Linear(nnx.Module):
         replaced = replacement_output(self, x)
         if replaced is not None:
             return batch_sharded(replaced)
-        y = jnp.dot(x.astype(self.dtype), gathered(self.kernel[...]).astype(self.dtype))
+        y = jnp.dot(x.astype(self.dtype), weight_at_use(self.kernel[...], self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return batch_sharded(add_adapter_outputs(self, x, y))
@@ -171,7 +172,7 @@ class Conv2d(nnx.Module):
         replaced = replacement_output(self, x)
         if replaced is not None:
             return batch_sharded(replaced)
-        kernel = gathered(self.kernel[...]).astype(self.dtype)
+        kernel = weight_at_use(self.kernel[...], self.dtype)
         if kernel.shape[0] == kernel.shape[1] == 1 and self.stride == 1 and self.padding == 0:
             y = jnp.dot(x.astype(self.dtype), kernel[0, 0])
         else:
