@@ -4,8 +4,9 @@ Under `--xla_cpu_experimental_ynn_fusion_type=dot` (jax 0.10.2) XLA:CPU computes
 wrongly at some shapes (relative error about 1.5 at 64 tokens of width 1280 or 320, rank 8),
 which is merged CLoRA's pattern; dod-jax set that option on import until it was found. Here:
 the package sets no experimental option unless asked; the pattern is right at those shapes in the
-suite's process (the package's defaults); merged CLoRA equals unmerged at SD 2.1's widths, by
-default and, with the fold compiled apart from the forward, under the opt-in too."""
+suite's process (the package's defaults), layer by layer with the fold in the forward's jit;
+merged CLoRA equals unmerged on a whole DOD at SD 2.1's widths with the fold compiled apart from
+the forward (what dod-jax does), by default and under the opt-in too."""
 
 import json
 import os
@@ -29,7 +30,7 @@ PATTERN_SHAPES = [(64, 1280, 8), (64, 320, 8), (64, 1280, 4), (64, 1280, 16), (2
 # Merged against unmerged restorations on the widened DOD (tests/merge_check.py), relative to
 # their largest value: measured 6.8e-6 / 1.0e-5 (64 / 256 pixels) by default, 5.9e-6 / 7.4e-6
 # under the opt-in with the fold compiled apart, 0.87 / 0.43 under the opt-in with the fold in
-# the forward's jit. Float32 rounding differs between W0 x + B(A x) and (W0 + BA) x in each of
+# the forward's jit (no longer run: the layer tests above hold that pattern by default). Float32 rounding differs between W0 x + B(A x) and (W0 + BA) x in each of
 # ~60 adapted layers, and x0 multiplies eps's by 14.6.
 WHOLE_MODEL_TOLERANCE = 2e-5
 
@@ -109,30 +110,29 @@ def by_default():
     return restorations(widened_dod())
 
 
-def check_errors(errors: dict, paths):
+def check_errors(errors: dict):
     for size, e in errors.items():
         assert e["film_spread"] > 0.05, errors  # the two images are modulated apart
-        for path in paths:
-            assert e[path] < WHOLE_MODEL_TOLERANCE, (size, path, errors)
+        assert e["merged"] < WHOLE_MODEL_TOLERANCE, (size, errors)
 
 
 def test_merged_clora_equals_unmerged_at_sd21_widths(by_default):
     errors, _ = by_default
     print(errors)
-    check_errors(errors, ("merged", "merged_in_jit"))
+    check_errors(errors)
 
 
 def test_restore_under_the_ynn_opt_in_equals_the_default(by_default, tmp_path):
-    """Under the opt-in the fold is wrong when it shares the forward's jit (printed, not asserted:
-    an XLA bug); dod-jax compiles it apart, and that is right; and the unmerged restorations
-    equal the default process's."""
+    """Under the opt-in the fold is wrong when it shares the forward's jit (an XLA bug); dod-jax
+    compiles it apart, and that is right; and the unmerged restorations equal the default
+    process's."""
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "merge_check.py"), str(tmp_path / "ynn.npz")],
                             capture_output=True, text=True, cwd=ROOT, env=package_env(DOD_JAX_CPU_FLAGS="ynn_dot"),
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     errors = json.loads(result.stdout.strip().splitlines()[-1])
     print(errors)
-    check_errors(errors, ("merged",))
+    check_errors(errors)
     opted_in = np.load(tmp_path / "ynn.npz")
     for size, default in by_default[1].items():
         ynn = opted_in[str(size)]
