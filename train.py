@@ -1,7 +1,8 @@
 """Train one DOD stage: python train.py --config configs/aio3.py --workdir runs/aio3_s1 [--config.key=value ...]
 
 The stage is config.train.stage; stage 2 reads the stage-1 run named by train.init_from.
-Running again with the same workdir continues from its latest checkpoint."""
+Running again with the same workdir continues from its latest checkpoint. A SIGTERM or Ctrl-C
+saves a checkpoint at the step's end and exits with status 1 (the run is not finished)."""
 
 import argparse
 import json
@@ -30,6 +31,10 @@ def main(argv=None) -> int:
         config = apply_overrides(load_config(args.config), [a[len("--config."):] for a in rest])
         summary = run(config, args.workdir, stop_at=args.stop_at)
     print(json.dumps(summary))
+    if summary["interrupted"]:
+        print(f"{parser.prog}: stopped by a signal at step {summary['step']} of {config.train.steps} (checkpoint saved); "
+              f"the same command continues it", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -135,6 +135,35 @@ def test_train_reports_a_missing_data_folder_in_one_line(tmp_path):
     assert "no_data" in result.stderr.strip().splitlines()[-1]
 
 
+def test_a_signal_stops_training_with_a_checkpoint_and_a_non_zero_exit(tmp_path):
+    """A real SIGTERM to train.py once it has logged a step: the loop finishes that step, saves
+    it, and the command exits 1 with one line saying where it stopped (a scheduler must not take
+    a stopped run for a finished one). The MSE-only step keeps the compile short."""
+    import signal
+    import time
+    workdir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    trainer = subprocess.Popen(
+        [sys.executable, "train.py", "--config", "configs/micro.py", "--workdir", str(workdir),
+         "--config.train.steps=100000", "--config.train.log_every=1", "--config.train.checkpoint_every=100000",
+         "--config.train.sample_every=100000", "--config.train.weights.lpips=0", "--config.train.weights.dmd=0",
+         "--config.train.fake_updates=0"], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = workdir / "log.jsonl"
+    deadline = time.monotonic() + 600
+    while not (log.is_file() and log.read_text().strip()) and trainer.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    trainer.send_signal(signal.SIGTERM)
+    out, err = trainer.communicate(timeout=300)
+    assert trainer.returncode == 1 and "Traceback" not in err, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["interrupted"] and 1 <= summary["step"] < 100000
+    assert err.strip().splitlines()[-1] == (f"train.py: stopped by a signal at step {summary['step']} of 100000 "
+                                            "(checkpoint saved); the same command continues it")
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [summary["step"]]
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, summary["step"] + 1))
+
+
 def test_a_launch_of_several_processes_without_jax_distributed_is_refused(tmp_path):
     """As torchrun would start two trainers: each would be its own process 0 and write the same
     workdir, so both refuse, say which variables to set, and write nothing."""
