@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -19,9 +20,11 @@ from conftest import ROOT, micro_config
 from dod_jax.data.demo import write_demo_set
 from dod_jax.dod.build import base_models, build_dod
 from dod_jax.evaluation.run import main as evaluate_main
+from dod_jax.errors import one_line
 from dod_jax.files import atomic_write
 from dod_jax.restore import cli
 from dod_jax.restore.bundle import save_bundle
+from dod_jax.training.checkpoints import CheckpointError, Checkpoints, load_trained_params
 from dod_jax.training.plots import plot_losses
 
 
@@ -125,6 +128,24 @@ def test_the_commands_themselves_print_no_traceback(bundle, images, tmp_path):
         assert result.returncode != 0, name
         assert "Traceback" not in result.stderr and len(lines) == 1, (name, result.stderr[-2000:])
         assert "absent" in lines[0], (name, lines[0])
+
+
+def test_a_checkpoint_of_another_config_is_refused_with_the_shapes_that_differ(tmp_path):
+    """Stage 2 (or evaluation) from a stage-1 checkpoint trained with another LoRA rank: one line
+    with both shapes, not orbax's advice on options of its own API."""
+    config = micro_config()
+    with Checkpoints(tmp_path / "checkpoints") as checkpoints:
+        checkpoints.save(1, {"step": np.zeros((), np.int32)}, build_dod(config, base_models(config), 0), {}, {},
+                         {"loss": 1.0})
+        checkpoints.wait()
+    config.dod.rank = 4
+    with pytest.raises(CheckpointError) as refused:
+        load_trained_params(build_dod(config, base_models(config), 0), tmp_path)
+    message = one_line(refused.value)
+    assert message.startswith(f"{tmp_path / 'checkpoints'} step 1: its trained parameters do not fit this model")
+    # the first tensor of another shape that orbax meets (a LoRA matrix, M_theta's fuse layer, ...)
+    assert re.search(r": Requested shape: \([0-9, ]+\) is not compatible with the stored shape: \([0-9, ]+\)\.$",
+                     message), message
 
 
 def test_train_reports_a_missing_data_folder_in_one_line(tmp_path):

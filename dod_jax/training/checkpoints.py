@@ -42,7 +42,9 @@ class Checkpoints:
             policies.LatestN(n=keep),
             policies.BestN(get_metric_fn=lambda metrics: metrics["loss"], reverse=True, n=1),
         ])
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only, create=not read_only)
+        # a read-only manager saves nothing (orbax warns unless told so)
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only, create=not read_only,
+                                               save_interval_steps=0 if read_only else 1)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
@@ -108,8 +110,10 @@ def load_trained_params(model, path: str | os.PathLike, stages=("stage1",)) -> d
             restored = checkpoints.manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         except (ValueError, KeyError, FileNotFoundError) as e:
+            # orbax's message goes on to advise options of its own API, which the user cannot set here
+            detail = str(e).split(" Truncating/padding is disabled")[0]
             raise CheckpointError(f"{checkpoints.directory} step {step}: its trained parameters do not fit this "
-                                  f"model (the config differs from the one it was trained with?): {e}") from e
+                                  f"model (the config differs from the one it was trained with?): {detail}") from e
     nnx.replace_by_pure_dict(wanted, _same_keys(nnx.to_pure_dict(wanted), restored["params"]))
     nnx.update(model, wanted)
     return restored["meta"]
