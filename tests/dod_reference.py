@@ -168,6 +168,10 @@ class AuthorsDOD(nn.Module):
 
     @torch.no_grad()
     def forward(self, lq, noise=None, use_dems=True):
+        return self.restore(lq, noise, use_dems)
+
+    def restore(self, lq, noise=None, use_dems=True):
+        """The restoration with autograd on (training); forward() is this without it."""
         c = self.adm(lq, torch.zeros(lq.shape[0])).mean(dim=(2, 3))
         self.film = self.mtheta(c)
         z, skips = self.encode(lq, noise)
