@@ -150,6 +150,8 @@ def test_stage2_steps_equal_the_authors_steps(released):
         tuple(AUTHORS.values())
     assert defaults.lr_schedule == "constant" and defaults.clamp_output
     train.update(stage="stage2", lr=LR, weight_decay=WEIGHT_DECAY, micro_batches=1, steps=STEPS)
+    assert (tuple(train.betas), train.clip, loss_weights(train)["ssim"], train.lr_schedule, train.clamp_output) == \
+        (AUTHORS["betas"], AUTHORS["clip"], SSIM_WEIGHT, "constant", True)  # the bundle's own settings
     stage, state, frozen = Stage.create(loaded.model, train)
     step = jax.jit(stage.train_step)
 
