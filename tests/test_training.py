@@ -96,12 +96,17 @@ def assert_loss_is_its_formula(metrics: dict, stage: str, weights=CHECK_WEIGHTS)
     np.testing.assert_allclose(m["loss"], expected, rtol=1e-6)
 
 
-def first_moments(opt_state) -> list[np.ndarray]:
-    """Adam's first moments (mu) in an optax state, leaf by leaf."""
+def adam_first_moments(opt_state):
+    """The first-moment tree (mu) of the one Adam in an optax state."""
     adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
             if isinstance(s, optax.ScaleByAdamState)]
     assert len(adam) == 1
-    return [np.asarray(x, np.float64) for x in jax.tree.leaves(adam[0].mu)]
+    return adam[0].mu
+
+
+def first_moments(opt_state) -> list[np.ndarray]:
+    """Adam's first moments (mu) in an optax state, leaf by leaf."""
+    return [np.asarray(x, np.float64) for x in jax.tree.leaves(adam_first_moments(opt_state))]
 
 
 def assert_trees_close(a, b, rtol: float, what: str):

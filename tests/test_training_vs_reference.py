@@ -16,7 +16,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,6 +28,7 @@ from dod_jax.restore.bundle import load_model
 from dod_jax.training.steps import Stage, loss_weights
 from dod_jax.weights.official import main as official_main
 from dod_reference import authors_model, config_file, save_released
+from test_training import adam_first_moments
 
 SIZE, BATCH, STEPS = 32, 2, 3
 # The authors' optimiser settings, which configs/dod.py holds, except: a learning rate 20x
@@ -123,14 +123,6 @@ def as_authors_stage2(stage, state, frozen, params, targets) -> dict:
     PyTorch's layouts."""
     files = write_official(stage.merge(state.replace(params=params), frozen), *targets)
     return files["stage2"]["state_dict_vae"]
-
-
-def adam_first_moments(opt_state):
-    """The first-moment tree (mu) of the one Adam in an optax state."""
-    adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-            if isinstance(s, optax.ScaleByAdamState)]
-    assert len(adam) == 1
-    return adam[0].mu
 
 
 def relative_errors(got: dict, expected: dict) -> dict:
