@@ -218,14 +218,20 @@ def config_file(folder, name: str, rank: int | None = None):
     return path
 
 
-def authors_model(config, folder, seed=0, trained_seed=4, perturbation=1.0):
+def authors_model(config, folder, seed=0, trained_seed=4, perturbation=1.0, decoder_out_scale=1.0):
     """The re-statement with random weights (the base from `seed`, what DOD trains from
     `trained_seed`); the base (before LoRA and the trained conv_in) is saved as a diffusers
     folder and the ADM as its .pt, as the import reads them. `perturbation` scales the random
     offsets on every weight (0.05, and 0.5 on M_theta): full-size models need them smaller, as
-    offsets far above their weights' own scale make the activations overflow."""
+    offsets far above their weights' own scale make the activations overflow.
+    `decoder_out_scale` scales the VAE decoder's conv_out (weight and bias): a random model's
+    restorations overshoot [-1, 1] and the clamp leaves flat regions, where a max-pooling loss
+    (LPIPS-VGG) is not differentiable; 0.25 keeps the tiny model's restorations inside."""
     unet = diffusers_model("unet", config.unet.to_dict(), seed + 1, scale=0.05 * perturbation)
     vae = diffusers_model("vae", config.vae.to_dict(), seed + 2, scale=0.05 * perturbation)
+    with torch.no_grad():
+        for p in vae.decoder.conv_out.parameters():
+            p.mul_(decoder_out_scale)
     unet.save_pretrained(folder / "sd" / "unet")
     vae.save_pretrained(folder / "sd" / "vae")
     scheduler = DDPMScheduler.from_config(config.scheduler.to_dict())
