@@ -35,8 +35,9 @@ def get_config() -> ConfigDict:
     # are 64 pixels and test photos 256 x 384, so a fixed-size resized copy would show the ADM
     # noise and rain at another scale in training than at test.
     config.dod.mfm_size = 0
-    # The fake score's LoRA on every target layer (the authors' intent, not what their code
-    # trains in effect): the demo's steps and learning rates were tuned with it.
+    # The fake score's LoRA on every target layer and conv_in (the authors' intent, not what
+    # their code trains in effect): the demo's steps and learning rates were tuned with it
+    # (before conv_in joined it).
     config.train.fake_scope = "all"
     # One crop per task and step: at a fixed time budget, more and smaller steps train further.
     config.data.stage1_ratio = "dehaze:1,derain:1,denoise:1"

@@ -102,7 +102,7 @@ def get_config() -> ConfigDict:
         # Where the fake score's LoRA sits (dod_jax.training.steps.FAKE_SCOPES). 'official', the
         # default: what the authors' code trains in effect (three peft adapters are added, the
         # last, "others", is the only active one: the mid block), so that a run reproduces the
-        # training of the released weights; 'all': every target layer, the code's evident intent.
+        # training of the released weights; 'all': every target layer and conv_in, the code's evident intent.
         "fake_scope": "official",
         # The generator's output clamped to [-1, 1] before the image losses (MSE and LPIPS in
         # stage 1, MSE and SSIM in stage 2), as the authors' code; False: unclamped.

@@ -172,13 +172,17 @@ class AuthorsDOD(nn.Module):
 
     def restore(self, lq, noise=None, use_dems=True):
         """The restoration with autograd on (training); forward() is this without it."""
+        return self.generate(lq, noise, use_dems)[1]
+
+    def generate(self, lq, noise=None, use_dems=True):
+        """(the generator's latent x0, the clamped restoration), with autograd on."""
         c = self.adm(lq, torch.zeros(lq.shape[0])).mean(dim=(2, 3))
         self.film = self.mtheta(c)
         z, skips = self.encode(lq, noise)
         context = self.prompt.expand(lq.shape[0], -1, -1)
         eps = self.unet(z, torch.full((lq.shape[0],), 999), encoder_hidden_states=context).sample
         x0 = (z - (1 - self.abar) ** 0.5 * eps) / self.abar ** 0.5
-        return self.decode(x0, skips, use_dems).clamp(-1, 1)
+        return x0, self.decode(x0, skips, use_dems).clamp(-1, 1)
 
     def stage1_dict(self, unet_targets, vae_regex) -> dict:
         unet = {k: v for k, v in self.unet.state_dict().items() if "lora" in k or "conv_in" in k}

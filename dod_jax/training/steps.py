@@ -219,11 +219,12 @@ class Stage:
         return state.replace(step=state.step + 1), metrics, restored
 
 
-# Where the fake score's LoRA sits (train.fake_scope): a path prefix in the UNet. 'all': every
-# target layer (the authors' intent); 'official': what their code trains in effect, the "others"
-# adapter (added last, so the only active one): the target layers outside the down and up
-# blocks, conv_in and conv_out, which are the mid block's.
-FAKE_SCOPES = {"all": "", "official": "mid_block."}
+# Where the fake score's LoRA sits (train.fake_scope): (a path prefix in the UNet, layers added to
+# the targets). The authors' code adds three adapters to the fake score (the target layers of the
+# down blocks and conv_in; of the up blocks and conv_out; the others). 'all': the three together,
+# every target layer and conv_in (their intent); 'official': what their code trains in effect,
+# the "others" adapter (added last, so the only active one), which is the mid block's layers.
+FAKE_SCOPES = {"all": ("", ("conv_in",)), "official": ("mid_block.", ())}
 
 
 def add_fake_score(model: DOD, negative_prompt, *, rank: int, targets, rngs, scope: str = "official") -> DOD:
@@ -232,8 +233,9 @@ def add_fake_score(model: DOD, negative_prompt, *, rank: int, targets, rngs, sco
     starts as the base UNet) and the real score's negative prompt embedding."""
     if scope not in FAKE_SCOPES:
         raise ConfigError(f"train.fake_scope must be one of {sorted(FAKE_SCOPES)}, got {scope!r}")
-    prefix = FAKE_SCOPES[scope]
-    present = [t for t in targets if any(adapters.matches(p[len(prefix):], [t]) for p, _ in adapters.layers(model.unet, prefix))]
+    prefix, added = FAKE_SCOPES[scope]
+    present = [t for t in tuple(targets) + added
+               if any(adapters.matches(p[len(prefix):], [t]) for p, _ in adapters.layers(model.unet, prefix))]
     adapters.inject(model.unet, adapters.AdapterSpec(FAKE, tuple(present), rank=rank, scope=prefix), rngs)
     model.negative_prompt = PromptEmbedding(jnp.asarray(negative_prompt, jnp.float32))
     return model
