@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -27,12 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 from dod_jax.configs import load_config  # noqa: E402
 from dod_jax.data.demo import demo_photos  # noqa: E402
+from dod_jax.machine import peak_rss_gib  # noqa: E402
 from dod_jax.dod.build import base_models, build_dod  # noqa: E402
 from dod_jax.restore.engine import Restorer, RestoreSettings  # noqa: E402
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kilobytes on Linux
 
 
 def photo_of_size(height: int, width: int) -> np.ndarray:

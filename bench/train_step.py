@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from dod_jax.configs import load_config  # noqa: E402
 from dod_jax.dod.build import base_models  # noqa: E402
 from dod_jax.dod.model import GENERATOR  # noqa: E402
 from dod_jax.losses.lpips import load_lpips  # noqa: E402
+from dod_jax.machine import peak_rss_gib  # noqa: E402
 from dod_jax.models.layers import REMAT_POLICIES  # noqa: E402
 from dod_jax.training.loop import training_model  # noqa: E402
 from dod_jax.training.steps import FAKE, Stage  # noqa: E402
@@ -96,7 +96,7 @@ def main():
     result["step_seconds_median"] = statistics.median(seconds)
     result["step_seconds"] = seconds
     result["metrics"] = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    result["peak_rss_gib"] = peak_rss_gib()
     print(json.dumps(result, indent=2))
     out = ROOT / "bench" / "results" / f"train_step_{jax.default_backend()}_crop{args.crop}.json"
     out.write_text(json.dumps(result, indent=2))

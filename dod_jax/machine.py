@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import resource
 from pathlib import Path
 
 
@@ -15,3 +16,8 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def peak_rss_gib() -> float:
+    """The largest resident memory this process has had, in GiB (Linux counts it in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20

@@ -19,12 +19,15 @@ authors' code in detail") with diffusers and peft, for the parity tests of the o
 The state dicts of these modules carry the official names, so `stage1_dict` / `stage2_dict`
 are the authors' checkpoint layout. `authors_model` and `save_released` make a "released"
 model with random non-trivial weights and its files, for the parity tests and bench/official.py.
+`AuthorsTraining` re-states their training steps (with `AuthorsScores`, DMD's real and fake
+scores), for tests/test_training_vs_reference.py and bench/train_step_vs_torch.py.
 """
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -269,3 +272,169 @@ def save_released(model: AuthorsDOD, folder):
     """stage1.pkl and stage2.pkl of `model`, as the authors' code saves them, into `folder`."""
     torch.save(model.stage1_dict(AUTHORS_UNET_TARGETS, AUTHORS_VAE_REGEX), folder / "stage1.pkl")
     torch.save(model.stage2_dict(), folder / "stage2.pkl")
+
+
+# ------------------------------------------------------------------ their training steps
+# REFERENCE.md, "Training in the authors' code": stage 1 trains the generator on l_l2 MSE +
+# l_lpips LPIPS-VGG of the clamped restoration + l_dmd DMD, then the fake score on its epsilon
+# loss; stage 2 the DEMs and skip convs on MSE + l_ssim (1 - SSIM). AdamW after clip_grad_norm_.
+
+def torch_ssim(x, y, data_range=2.0, size=11, sigma=1.5, k1=0.01, k2=0.03):
+    """Per-image SSIM of NCHW tensors: Gaussian window, valid region, averaged over channels."""
+    g = torch.exp(-(torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2 / (2 * sigma ** 2))
+    g = (g / g.sum()).float()
+    c = x.shape[1]
+    rows, cols = g.reshape(1, 1, size, 1).repeat(c, 1, 1, 1), g.reshape(1, 1, 1, size).repeat(c, 1, 1, 1)
+    blur = lambda t: F.conv2d(F.conv2d(t, rows, groups=c), cols, groups=c)
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+# The sections of the authors' stage-1 dict that hold M_theta's modules (their layout).
+MTHETA_SECTIONS = {"de_mlp": "state_dict_unet_de_mlp", "block_mlp": "state_dict_unet_block_mlp",
+                   "fuse_mlp": "state_dict_unet_fuse_mlp", "block": "state_dict_unet_block"}
+
+
+def authors_trained(reference, stage: str) -> dict:
+    """{(file, section, name): parameter} of what the authors' `stage` trains, keyed by its place
+    in their dicts: stage 1 the UNet's LoRA and conv_in, the encoder's LoRA and M_theta; stage 2
+    the skip convs and DEMs."""
+    if stage == "stage2":
+        return {("stage2", "state_dict_vae", n): p for n, p in reference.vae.named_parameters()
+                if "sft_blocks" in n or "skip_conv" in n}
+    trained = {("stage1", "state_dict_unet", n): p for n, p in reference.unet.named_parameters()
+               if "lora" in n or n.startswith("conv_in.")}
+    trained.update({("stage1", "state_dict_vae", n): p for n, p in reference.vae.named_parameters() if "lora" in n})
+    for n, p in reference.mtheta.named_parameters():
+        module, _, name = n.partition(".")
+        trained[("stage1", MTHETA_SECTIONS[module], name)] = p
+    return trained
+
+
+class AuthorsScores:
+    """DMD's two scores as the authors' code builds them (REFERENCE.md): the real score a frozen
+    copy of the base UNet, guided by CFG between the negative prompt and the prompt; the fake
+    score another copy with three peft adapters added one after another (the target layers of the
+    down blocks and conv_in; of the up blocks and conv_out; the others). `scope` 'official':
+    diffusers keeps the last added active, so the mid block's LoRA is what trains (their code);
+    'all': all three active (its intent). Fake-score LoRA A starts as dod-jax's (`fake_a`:
+    {layer name: A in PyTorch's layout}), B at zero as peft and dod-jax start it."""
+
+    SETS = ("down", "up", "others")
+
+    def __init__(self, folder, prompt, negative_prompt, rank: int, targets, fake_a: dict, scope: str,
+                 guidance: float):
+        from diffusers import UNet2DConditionModel
+        self.real = UNet2DConditionModel.from_pretrained(folder / "sd" / "unet").eval().requires_grad_(False)
+        self.fake = UNet2DConditionModel.from_pretrained(folder / "sd" / "unet").eval().requires_grad_(False)
+        scheduler = DDPMScheduler.from_pretrained(folder / "sd" / "scheduler")
+        self.abar = scheduler.alphas_cumprod.float()
+        self.prompt, self.negative_prompt, self.guidance = prompt, negative_prompt, guidance
+        names = [n for n, m in self.fake.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+                 and any(n == t or n.endswith("." + t) for t in targets)]
+        down = [n for n in names if n.startswith("down_blocks.")] + ["conv_in"]
+        up = [n for n in names if n.startswith("up_blocks.") or n == "conv_out"]
+        sets = dict(zip(self.SETS, (down, up, [n for n in names if n not in down + up])))
+        for name, layers in sets.items():
+            self.fake.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=layers), adapter_name=name)
+        assert self.fake.active_adapters() == ["others"]
+        if scope == "all":
+            self.fake.set_adapters(list(self.SETS))
+        active = {n: name for name in self.fake.active_adapters() for n in sets[name]}
+        assert set(fake_a) == set(active), ("layers dod-jax's fake score adapts and the authors' do not, or the other "
+                                            "way round", sorted(set(fake_a) ^ set(active)))
+        modules = dict(self.fake.named_modules())
+        with torch.no_grad():
+            for n, a in fake_a.items():
+                modules[n].lora_A[active[n]].weight.copy_(torch.from_numpy(np.array(a)))
+                assert not modules[n].lora_B[active[n]].weight.any()
+        self.trained = {("fake", n, ab): getattr(modules[n], f"lora_{ab}")[name].weight
+                        for n, name in active.items() for ab in "AB"}
+        # the authors' fake optimiser holds all three adapters; only active ones get gradients
+        self.parameters = [p for n, p in self.fake.named_parameters() if "lora_" in n]
+
+    def noised(self, z, t, noise):
+        abar = self.abar[t].reshape(-1, 1, 1, 1)
+        return abar.sqrt() * z + (1 - abar).sqrt() * noise, abar
+
+    @torch.no_grad()
+    def dmd_loss(self, x0, t, noise):
+        """MSE(x0, stopgrad(x0 - (x0_fake - x0_real) / mean |x0 - x0_real|)), gradients to x0."""
+        z_t, abar = self.noised(x0.detach(), t, noise)
+        b = x0.shape[0]
+        prompt, negative = self.prompt.expand(b, -1, -1), self.negative_prompt.expand(b, -1, -1)
+        eps_text, eps_negative = self.real(torch.cat([z_t, z_t]), torch.cat([t, t]),
+                                           encoder_hidden_states=torch.cat([prompt, negative])).sample.chunk(2)
+        eps_real = eps_negative + self.guidance * (eps_text - eps_negative)
+        eps_fake = self.fake(z_t, t, encoder_hidden_states=prompt).sample
+        x0_real, x0_fake = ((z_t - (1 - abar).sqrt() * eps) / abar.sqrt() for eps in (eps_real, eps_fake))
+        grad = (x0_fake - x0_real) / (x0.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+        with torch.enable_grad():
+            return F.mse_loss(x0, (x0 - grad).detach())
+
+    def fake_loss(self, x0, t, noise):
+        """The fake score's epsilon-MSE on the detached generator latent."""
+        z_t, _ = self.noised(x0.detach(), t, noise)
+        return F.mse_loss(self.fake(z_t, t, encoder_hidden_states=self.prompt.expand(x0.shape[0], -1, -1)).sample, noise)
+
+
+class AuthorsTraining:
+    """The authors' training steps of `stage` on `reference` (an AuthorsDOD): `step(draws)` runs
+    one on a dict of NHWC arrays (lq, gt, the posterior noise; stage 1 also dmd_t, dmd_noise,
+    fake_t, fake_noise) and returns its loss terms. `weights`: l2, lpips, dmd, ssim; `lpips` the
+    lpips package's LPIPS-VGG (stage 1); `scores` an AuthorsScores (stage 1), whose fake score is
+    updated after the generator with an AdamW of its own at the same settings."""
+
+    def __init__(self, reference, stage: str, *, lr, weight_decay, betas, clip, weights: dict, lpips=None,
+                 scores: AuthorsScores | None = None):
+        self.reference, self.stage, self.clip, self.weights = reference, stage, clip, weights
+        self.lpips, self.scores = lpips, scores
+        self.trained = authors_trained(reference, stage)
+        for p in reference.parameters():
+            p.requires_grad_(False)
+        for p in self.trained.values():
+            p.requires_grad_(True)
+        adamw = lambda params: torch.optim.AdamW(params, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay)
+        self.optimisers = [adamw(self.trained.values())]
+        if scores is not None:
+            for p in scores.parameters:
+                p.requires_grad_(True)
+            self.optimisers.append(adamw(scores.parameters))
+            self.trained = {**self.trained, **scores.trained}
+
+    def step(self, draws: dict) -> dict[str, float]:
+        t = {k: torch.from_numpy(np.ascontiguousarray(np.asarray(v).transpose(0, 3, 1, 2))) if np.ndim(v) == 4
+             else torch.from_numpy(np.asarray(v)) for k, v in draws.items()}
+        x0, restored = self.reference.generate(t["lq"], t["noise"], use_dems=self.stage == "stage2")  # clamped
+        w, gt = self.weights, t["gt"]
+        terms = {"mse": F.mse_loss(restored, gt)}
+        if self.stage == "stage2":
+            terms["ssim"] = torch_ssim(restored, gt).mean()
+            terms["loss"] = terms["mse"] + w["ssim"] * (1 - terms["ssim"])
+        else:
+            terms["lpips"] = self.lpips(restored, gt).mean()
+            terms["loss"] = w["l2"] * terms["mse"] + w["lpips"] * terms["lpips"]
+            if self.scores is not None:
+                terms["dmd"] = self.scores.dmd_loss(x0, t["dmd_t"], t["dmd_noise"])
+                terms["loss"] = terms["loss"] + w["dmd"] * terms["dmd"]
+        self._update(self.optimisers[0], terms["loss"])
+        if self.scores is not None:
+            terms["fake_loss"] = self.scores.fake_loss(x0, t["fake_t"], t["fake_noise"])
+            self._update(self.optimisers[1], terms["fake_loss"])
+        return {k: v.item() for k, v in terms.items()}
+
+    def _update(self, optimiser, loss):
+        optimiser.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(optimiser.param_groups[0]["params"], self.clip)
+        optimiser.step()
+
+    def first_moments(self) -> dict:
+        state = {p: s for opt in self.optimisers for p, s in opt.state.items()}
+        return {k: state[p]["exp_avg"].numpy().copy() for k, p in self.trained.items()}
+
+    def parameters(self) -> dict:
+        return {k: p.detach().numpy().copy() for k, p in self.trained.items()}
