@@ -44,9 +44,10 @@ CATEGORIES = ("convolution", "attention", "other matmul", "normalisation/reducti
 CONTAINERS = {"while", "conditional", "call"}  # thunks that run others: their time is their children's
 
 
-def hlo_categories(hlo_text: str) -> dict[str, str]:
-    """Instruction name -> category for every instruction of a compiled HLO module; a fusion
-    (XLA's or YNNPACK's) by the instructions of the computation it calls."""
+def hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """Instruction name -> (category, what it computes) for every instruction of a compiled HLO
+    module; a fusion (XLA's or YNNPACK's) by the instructions of the computation it calls, and
+    described by its convolution or dot where it has one."""
     computations: dict[str, list[tuple[str, str]]] = {}  # computation -> its (opcode, line)s
     instructions: dict[str, tuple[str, str | None, str]] = {}  # name -> (opcode, called computation, line)
     current = None
@@ -73,36 +74,40 @@ def hlo_categories(hlo_text: str) -> dict[str, str]:
             return "normalisation/reduction"
         return "element-wise/other"
 
+    def described(body: list[tuple[str, str]], line: str) -> str:
+        main = [body_line for opcode, body_line in body if opcode in ("convolution", "dot")]
+        return re.sub(r",?\s*metadata=\{.*", "", (main or [line])[0].strip())[:240]
+
     out = {}
     for name, (opcode, called, line) in instructions.items():
-        if opcode in CONTAINERS:
-            out[name] = "container"
-        elif opcode == "fusion" and called in computations:
-            out[name] = category(computations[called])
-        else:
-            out[name] = category([(opcode, line)])
+        body = computations[called] if opcode == "fusion" and called in computations else [(opcode, line)]
+        out[name] = ("container" if opcode in CONTAINERS else category(body), described(body, line))
     return out
 
 
-def jax_operation_times(compiled, call, trace_dir: Path) -> dict:
-    """Seconds per category of one `call()` of `compiled`, from a jax.profiler trace."""
-    categories = hlo_categories(compiled.as_text())
+def jax_operation_times(compiled, call, trace_dir: Path, top: int = 12) -> dict:
+    """Seconds per category of one `call()` of `compiled`, from a jax.profiler trace, and the
+    `top` instructions by their summed time."""
+    instructions = hlo_categories(compiled.as_text())
     jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
     jax.block_until_ready(call())
     jax.profiler.stop_trace()
     trace = sorted(trace_dir.rglob("*.trace.json.gz"))[-1]
     events = json.load(gzip.open(trace))
     events = events["traceEvents"] if isinstance(events, dict) else events
-    seconds, unknown = collections.Counter(), collections.Counter()
+    seconds, unknown, per_instruction = collections.Counter(), collections.Counter(), collections.Counter()
     for event in events:
         if event.get("ph") != "X":
             continue
-        kind = categories.get(event["name"])
+        kind = instructions.get(event["name"], (None,))[0]
         if kind is None:
             unknown[event["name"]] += event.get("dur", 0) / 1e6
         elif kind != "container":
             seconds[kind] += event.get("dur", 0) / 1e6
+            per_instruction[event["name"]] += event.get("dur", 0) / 1e6
     return {"seconds": {k: seconds[k] for k in CATEGORIES},
+            "top_instructions": [{"name": name, "seconds": t, "category": instructions[name][0],
+                                  "hlo": instructions[name][1]} for name, t in per_instruction.most_common(top)],
             "unclassified_events_top": dict(unknown.most_common(5))}
 
 

@@ -406,8 +406,8 @@ class AuthorsTraining:
             self.trained = {**self.trained, **scores.trained}
 
     def step(self, draws: dict) -> dict[str, float]:
-        t = {k: torch.from_numpy(np.ascontiguousarray(np.asarray(v).transpose(0, 3, 1, 2))) if np.ndim(v) == 4
-             else torch.from_numpy(np.asarray(v)) for k, v in draws.items()}
+        t = {k: torch.from_numpy(np.array(np.transpose(v, (0, 3, 1, 2)) if np.ndim(v) == 4 else v, order="C"))
+             for k, v in draws.items()}
         x0, restored = self.reference.generate(t["lq"], t["noise"], use_dems=self.stage == "stage2")  # clamped
         w, gt = self.weights, t["gt"]
         terms = {"mse": F.mse_loss(restored, gt)}

@@ -13,7 +13,7 @@ from flax import nnx
 from conftest import ROOT, micro_config, tiny_config
 from dod_jax.errors import ConfigError
 from dod_jax.models.config import UnsupportedConfigError
-from dod_jax.models.layers import QUERY_CHUNK, dot_product_attention
+from dod_jax.models.layers import IM2COL_MAX_POSITIONS, QUERY_CHUNK, conv2d, dot_product_attention
 from dod_jax.models.unet import UNet2DCondition, UNetConfig
 from dod_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -175,6 +175,28 @@ def test_chunked_attention_equals_whole_attention(tokens, dtype):
             assert error < 1e-5, error
         else:
             assert error <= 1.25 * np.abs(np.asarray(whole, np.float32) - truth).max() + 1e-3, error
+
+
+@pytest.mark.parametrize("size, kernel, stride, padding", [
+    (2, 3, 1, 1), (7, 3, 1, 1), (5, 3, 2, 1), (4, 3, 2, 0), (3, 5, 1, 2), (1, 3, 1, 1)])
+def test_small_convolutions_as_im2col_equal_xla_convolutions(size, kernel, stride, padding):
+    # Outputs of at most IM2COL_MAX_POSITIONS positions take the im2col path: its value and both
+    # gradients (input and kernel) against XLA's convolution of the same inputs
+    rng = np.random.default_rng(size)
+    x = jnp.asarray(rng.standard_normal((2, size, size + 1, 24)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((kernel, kernel, 24, 8)), jnp.float32)
+    assert ((size + 2 * padding - kernel) // stride + 1) * ((size + 1 + 2 * padding - kernel) // stride + 1) \
+        <= IM2COL_MAX_POSITIONS
+    weights = jnp.arange(1.0, 9.0)
+    xla = lambda x, k: jax.lax.conv_general_dilated(x, k, (stride, stride), ((padding, padding),) * 2,
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    loss = lambda conv: jax.jit(jax.value_and_grad(lambda x, k: (conv(x, k) * weights).sum(), argnums=(0, 1)))
+    (ours, ours_grads), (theirs, their_grads) = loss(lambda x, k: conv2d(x, k, stride, padding))(x, k), loss(xla)(x, k)
+    assert conv2d(x, k, stride, padding).shape == xla(x, k).shape
+    assert "convolution" not in jax.jit(lambda x, k: conv2d(x, k, stride, padding)).lower(x, k).as_text()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    for a, b in zip(ours_grads, their_grads):
+        np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max())
 
 
 def test_unknown_attention_implementation_is_refused():

@@ -153,6 +153,37 @@ class Linear(nnx.Module):
         return batch_sharded(add_adapter_outputs(self, x, y))
 
 
+# At most this many output positions per image, a convolution runs as one matrix product over
+# its k*k shifted views of the input (im2col): XLA:CPU's convolutions are pathological on tiny
+# images with many channels, which SD's UNet has at its inner levels on small crops (a 3x3
+# convolution, 1280 channels, 2x2 positions, batch 4: 0.14 s forward and 0.29 s with its input
+# gradient, against 2.3 and 5.2 ms as im2col; the backward pass reverses the kernel into copies
+# and swaps operands into a slow layout). At 8x8 positions im2col is still faster, at 16x16
+# even, at 32x32 and above slower (bench/conv_im2col.py; bench/results/README.md). Layers under
+# a mesh keep XLA's convolution: with im2col the micro config's FSDP-8 stage-1 step peaked at
+# 1.04x the replicated step's bytes per device (0.87x with XLA's convolution), and the TPU and
+# GPU compilers that sharded runs target have no such pathology.
+IM2COL_MAX_POSITIONS = 64
+
+
+def conv2d(x, kernel, stride: int, padding: int, im2col_max_positions: int = IM2COL_MAX_POSITIONS):
+    """A 2D convolution of NHWC `x` with an HWIO `kernel`, symmetric integer `padding`; as im2col
+    where it has at most `im2col_max_positions` output positions per image."""
+    k, _, c, _ = kernel.shape
+    if k == 1 and stride == 1 and padding == 0:
+        return jnp.dot(x, kernel[0, 0])
+    b, h, w, _ = x.shape
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    if ho * wo > im2col_max_positions:
+        return jax.lax.conv_general_dilated(x, kernel, window_strides=(stride, stride),
+                                            padding=((padding, padding), (padding, padding)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    views = [jax.lax.slice(padded, (0, i, j, 0), (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                           (1, stride, stride, 1)) for i in range(k) for j in range(k)]
+    return jnp.concatenate(views, axis=-1) @ kernel.reshape(k * k * c, -1)
+
+
 class Conv2d(nnx.Module):
     """2D convolution on NHWC inputs with symmetric integer padding (PyTorch semantics)."""
 
@@ -172,14 +203,9 @@ class Conv2d(nnx.Module):
         replaced = replacement_output(self, x)
         if replaced is not None:
             return batch_sharded(replaced)
-        kernel = weight_at_use(self.kernel[...], self.dtype)
-        if kernel.shape[0] == kernel.shape[1] == 1 and self.stride == 1 and self.padding == 0:
-            y = jnp.dot(x.astype(self.dtype), kernel[0, 0])
-        else:
-            p = self.padding
-            y = jax.lax.conv_general_dilated(
-                x.astype(self.dtype), kernel, window_strides=(self.stride, self.stride),
-                padding=((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        # im2col outside a mesh only (IM2COL_MAX_POSITIONS)
+        im2col = IM2COL_MAX_POSITIONS if jax.sharding.get_abstract_mesh().empty else 0
+        y = conv2d(x.astype(self.dtype), weight_at_use(self.kernel[...], self.dtype), self.stride, self.padding, im2col)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return batch_sharded(add_adapter_outputs(self, x, y))
