@@ -159,10 +159,10 @@ class Linear(nnx.Module):
 # convolution, 1280 channels, 2x2 positions, batch 4: 0.14 s forward and 0.29 s with its input
 # gradient, against 2.3 and 5.2 ms as im2col; the backward pass reverses the kernel into copies
 # and swaps operands into a slow layout). At 8x8 positions im2col is still faster, at 16x16
-# even, at 32x32 and above slower (bench/conv_im2col.py; bench/results/README.md). Layers under
-# a mesh keep XLA's convolution: with im2col the micro config's FSDP-8 stage-1 step peaked at
-# 1.04x the replicated step's bytes per device (0.87x with XLA's convolution), and the TPU and
-# GPU compilers that sharded runs target have no such pathology.
+# even, at 32x32 and above slower (bench/conv_im2col.py; bench/results/README.md). Layers on a
+# mesh of several devices keep XLA's convolution: with im2col the micro config's FSDP-8 stage-1
+# step peaked at 1.04x the replicated step's bytes per device (0.87x with XLA's convolution),
+# and the TPU and GPU compilers that sharded runs target have no such pathology.
 IM2COL_MAX_POSITIONS = 64
 
 
@@ -203,8 +203,8 @@ class Conv2d(nnx.Module):
         replaced = replacement_output(self, x)
         if replaced is not None:
             return batch_sharded(replaced)
-        # im2col outside a mesh only (IM2COL_MAX_POSITIONS)
-        im2col = IM2COL_MAX_POSITIONS if jax.sharding.get_abstract_mesh().empty else 0
+        # im2col on one device only (IM2COL_MAX_POSITIONS); an empty mesh has size 0
+        im2col = IM2COL_MAX_POSITIONS if jax.sharding.get_abstract_mesh().size <= 1 else 0
         y = conv2d(x.astype(self.dtype), weight_at_use(self.kernel[...], self.dtype), self.stride, self.padding, im2col)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
