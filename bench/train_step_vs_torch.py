@@ -41,9 +41,7 @@ import torch  # noqa: E402
 
 from bench.official_profile import jax_operation_times, torch_operation_times  # noqa: E402
 from dod_jax.machine import cpu_model, peak_rss_gib  # noqa: E402
-from dod_reference import AuthorsTraining  # noqa: E402
-from test_training_vs_reference import (  # noqa: E402
-    AUTHORS, DMD_WEIGHT, L2_WEIGHT, LPIPS_WEIGHT, OPTIMISER, SSIM_WEIGHT, paired, release, torch_lpips)
+from test_training_vs_reference import authors_training, paired, release  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "train_step_vs_torch_cpu.json"
 
@@ -104,11 +102,12 @@ def measure(args, mktemp) -> dict:
     first_draws = pair.draws(batches[0])
     step = jax.jit(pair.stage.train_step)
     calls = iter(batches)
-    restorations = []
+    first_restored = []
 
     def jax_step():
         pair.state, metrics, restored = step(pair.state, pair.frozen, jax.tree.map(jnp.asarray, next(calls)))
-        restorations.append(restored)
+        if not first_restored:
+            first_restored.append(np.asarray(restored))
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
     t0 = time.perf_counter()
@@ -120,16 +119,13 @@ def measure(args, mktemp) -> dict:
         compiled = step.lower(pair.state, pair.frozen, batch).compile()
         jax_ops = jax_operation_times(compiled, lambda: compiled(pair.state, pair.frozen, batch), mktemp("trace"))
     # what the check compares is not trivial: restorations that vary, few pixels at the clamp
-    first = np.asarray(restorations[0])
+    first = first_restored[0]
     restored = {"std": float(first.std()), "at_clamp": float(np.mean(np.abs(first) >= 1))}
     pair.model = pair.state = pair.frozen = step = None
     jax.clear_caches()
     gc.collect()
 
-    lr, weight_decay = OPTIMISER["stage1"]
-    training = AuthorsTraining(reference, "stage1", lr=lr, weight_decay=weight_decay, betas=AUTHORS["betas"],
-                               clip=AUTHORS["clip"], lpips=torch_lpips(), scores=pair.authors_scores(reference, folder),
-                               weights={"l2": L2_WEIGHT, "lpips": LPIPS_WEIGHT, "dmd": DMD_WEIGHT, "ssim": SSIM_WEIGHT})
+    training = authors_training(reference, "stage1", pair.authors_scores(reference, folder))
     torch_steps = iter([{**first_draws, **b} for b in batches])
     torch_terms, torch_seconds = timed(lambda: training.step(next(torch_steps)), args.warmup, args.steps)
     if args.profile:

@@ -5,9 +5,11 @@ from the same released weights on both sides (the authors' pickles imported by
 on the clamped restoration's losses. The random draws come from one place: dod-jax's per-sample
 keys give the posterior noise, which the PyTorch side receives as it is.
 
-Stage 1, the generator's update: the UNet's CLoRA and conv_in, the encoder's LoRA and M_theta
-trained on l_l2 MSE + l_lpips LPIPS-VGG (the lpips package on the PyTorch side, holding
-dod-jax's LPIPS file); DMD's weight is 0 and the fake score is not updated here.
+Stage 1, the whole step: the generator's update (the UNet's CLoRA and conv_in, the encoder's
+LoRA and M_theta) on l_l2 MSE + l_lpips LPIPS-VGG (the lpips package on the PyTorch side,
+holding dod-jax's LPIPS file) + l_dmd DMD (the real score's CFG against the negative prompt, the
+fake score's LoRA in either scope), then the fake score's update on its epsilon loss; DMD's and
+the fake score's t and noise come from dod-jax's keys too.
 Stage 2: the stage-1 parts frozen, the skip convs and DEMs trained on MSE + l_ssim (1 - SSIM).
 
 What the two sides may differ by, and the bound it puts here: torch's clip scales by
@@ -35,6 +37,7 @@ from dod_jax.losses.lpips import load_lpips
 from dod_jax.models.layers import NumpyRngs
 from dod_jax.restore.bundle import load_model
 from dod_jax.training.steps import FAKE, Stage, add_fake_score, loss_weights
+from dod_jax.weights.diffusers import to_torch_layout
 from dod_jax.weights.official import main as official_main
 from dod_reference import (AUTHORS_UNET_TARGETS, AuthorsScores, AuthorsTraining, authors_model, authors_trained,
                            config_file, save_released)
@@ -133,12 +136,8 @@ def authors_steps(reference, stage: str, steps, scores=None):
     moments after step 1, the trained parameters after each step). The fixture's model is
     shared: it is left as it was."""
     start = {k: v.clone() for k, v in reference.state_dict().items()}
-    lr, weight_decay = OPTIMISER[stage]
-    weights = {"l2": L2_WEIGHT, "lpips": LPIPS_WEIGHT, "dmd": DMD_WEIGHT, "ssim": SSIM_WEIGHT}
     try:
-        training = AuthorsTraining(reference, stage, lr=lr, weight_decay=weight_decay, betas=AUTHORS["betas"],
-                                   clip=AUTHORS["clip"], weights=weights, lpips=torch_lpips() if stage == "stage1" else None,
-                                   scores=scores)
+        training = authors_training(reference, stage, scores)
         terms, params, moments = [], [], None
         for draws in steps:
             terms.append(training.step(draws))
@@ -147,6 +146,15 @@ def authors_steps(reference, stage: str, steps, scores=None):
         return terms, moments, params
     finally:
         reference.load_state_dict(start)
+
+
+def authors_training(reference, stage: str, scores=None) -> AuthorsTraining:
+    """The authors' `stage` on `reference` at OPTIMISER's settings and the code's loss weights
+    (stage 1 with the lpips package's LPIPS-VGG and DMD's `scores`)."""
+    lr, weight_decay = OPTIMISER[stage]
+    return AuthorsTraining(reference, stage, lr=lr, weight_decay=weight_decay, betas=AUTHORS["betas"],
+                           clip=AUTHORS["clip"], lpips=torch_lpips() if stage == "stage1" else None, scores=scores,
+                           weights={"l2": L2_WEIGHT, "lpips": LPIPS_WEIGHT, "dmd": DMD_WEIGHT, "ssim": SSIM_WEIGHT})
 
 
 def torch_lpips():
@@ -164,8 +172,7 @@ def as_authors(stage, state, frozen, params, targets, keys) -> dict:
 
 def torch_layout(kernel) -> np.ndarray:
     """A Linear (in, out) or Conv2d (kh, kw, in, out) kernel in PyTorch's layout."""
-    kernel = np.asarray(kernel)
-    return kernel.T if kernel.ndim == 2 else kernel.transpose(3, 2, 0, 1)
+    return to_torch_layout("linear" if kernel.ndim == 2 else "conv", np.asarray(kernel))
 
 
 def fake_as_authors(stage, state, frozen, fake_params) -> dict:
@@ -195,7 +202,6 @@ class Paired:
     fake_scope: str | None
     negative_prompt: np.ndarray | None
     fake_a: dict | None
-    fake_rank: int | None
     scores: AuthorsScores | None = None
 
     def draws(self, batch: dict) -> dict:
@@ -216,9 +222,10 @@ class Paired:
     def authors_scores(self, reference, folder) -> AuthorsScores:
         """DMD's scores on the PyTorch side, matching this stage 1's (it needs only the numpy
         fields: dod-jax's side may be freed first)."""
+        rank = next(iter(self.fake_a.values())).shape[0]  # A in PyTorch's layout: (rank, in, ...)
         return AuthorsScores(folder, reference.prompt,
                              torch.from_numpy(self.negative_prompt).reshape(reference.prompt.shape),
-                             self.fake_rank, AUTHORS_UNET_TARGETS, self.fake_a, self.fake_scope, GUIDANCE)
+                             rank, AUTHORS_UNET_TARGETS, self.fake_a, self.fake_scope, GUIDANCE)
 
 
 def paired(reference, bundle, folder, stage: str, fake_scope: str | None, steps: int, scores: bool = True) -> Paired:
@@ -240,8 +247,7 @@ def paired(reference, bundle, folder, stage: str, fake_scope: str | None, steps:
                        scope=fake_scope)
         lpips = load_lpips(LPIPS_WEIGHTS)
         fake_a = {path: torch_layout(lora.lora_A.kernel[...]) for path, _, lora in adapters.adapted(model.unet, FAKE)}
-    pair = Paired(model, *Stage.create(model, train, lpips), targets, fake_scope, negative_prompt, fake_a,
-                  train.fake_rank if stage == "stage1" else None)
+    pair = Paired(model, *Stage.create(model, train, lpips), targets, fake_scope, negative_prompt, fake_a)
     if stage == "stage1" and scores:
         pair.scores = pair.authors_scores(reference, folder)
     return pair
