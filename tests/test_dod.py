@@ -14,6 +14,7 @@ from dod_jax.configs import load_config
 from dod_jax.dod import GENERATOR, abstract_dod, build_dod, parameter_counts, random_base, trainable
 from dod_jax.dod.model import STAGE_GROUPS
 from dod_jax.forward_demo import one_step
+from dod_jax.restore.engine import merge_generator
 from merge_check import loras, randomise_generator_b, randomise_mtheta, two_images
 
 SIZE = 64
@@ -112,6 +113,20 @@ def test_merged_clora_equals_unmerged_per_image_and_images_get_their_own_modulat
         # path the float32 rounding differences pass x0 = (z - sqrt(1-abar) eps) / sqrt(abar),
         # which multiplies them by 1/sqrt(abar_999) = 14.6. Measured: 2.3e-5.
         np.testing.assert_allclose(got[0], unmerged[i], atol=5e-5)
+
+    # The restore's fold (its own compiled call) gives the same restoration, and only the arrays
+    # it wrote are new: the rest of the merged state is the model's own (no 5 GB copy an image).
+    merged_graphdef, merged_state = merge_generator(graphdef, state, lq[1:2])
+    restored = jax.jit(lambda g, s, x: nnx.merge(g, s)(x), static_argnums=0)(merged_graphdef, merged_state, lq[1:2])
+    np.testing.assert_allclose(np.asarray(restored)[0], unmerged[1], atol=5e-5)
+    array = lambda entry: entry.get_value() if isinstance(entry, nnx.Variable) else entry
+    given = {path: array(entry) for path, entry in nnx.to_flat_state(state)}
+    merged_flat = {path: array(entry) for path, entry in nnx.to_flat_state(merged_state)}
+    shared = {path for path, value in merged_flat.items() if value is given.get(path)}
+    assert {path[0] for path in shared} >= {"adm", "hde", "modulator"} and ("vae", "decoder") in {p[:2] for p in shared}
+    folded = [path for path in merged_flat if path not in shared]
+    assert len(folded) >= len(model.unet_adapted) + len(model.vae_adapted)
+    assert all(path[0] in ("unet", "vae") and "adapters" not in path for path in folded)
     with pytest.raises(ValueError, match="batch must be 1"):
         model.merge_generator(model.film(lq))
 

@@ -103,17 +103,38 @@ class RestoreSettings:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Paths:
+    """State paths, returned from a compiled function as static data (no arrays)."""
+    paths: tuple
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def merge_generator(graphdef: nnx.GraphDef, state: nnx.State, lq):
+def _fold(graphdef: nnx.GraphDef, state: nnx.State, lq):
+    """The fold of merge_generator, compiled: (merged graphdef, the state entries the fold wrote,
+    the paths of those it left as they were). Only written entries are outputs: an output that
+    is an input unchanged is still a copy, and the whole state at SD 2.1's size is 5 GB an image."""
+    array = lambda entry: entry.get_value() if isinstance(entry, nnx.Variable) else entry
+    given = {path: array(entry) for path, entry in nnx.to_flat_state(state)}
+    model = nnx.merge(graphdef, state)
+    model.merge_generator(model.film(lq))
+    merged_graphdef, merged = nnx.split(model)
+    written = [(path, entry) for path, entry in nnx.to_flat_state(merged) if array(entry) is not given.get(path)]
+    kept = tuple(path for path, entry in nnx.to_flat_state(merged) if array(entry) is given.get(path))
+    return merged_graphdef, nnx.from_flat_state(written), _Paths(kept)
+
+
+def merge_generator(graphdef: nnx.GraphDef, state: nnx.State, lq) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state) of the DOD model (graphdef, state) with its generator folded into the
     base weights for one image `lq` (dod.model.DOD.merge_generator, M_theta's modulation from
     what the MFM sees of it), compiled on its own: pass its output to the restore as inputs. A fold
     computed in the same compiled function as the forward puts `x @ (W0 + A diag(gamma) B)` in
     one XLA computation, which the opt-in YNNPACK dot fusion gets wrong at SD 2.1 widths
-    (dod_jax/__init__.py)."""
-    model = nnx.merge(graphdef, state)
-    model.merge_generator(model.film(lq))
-    return nnx.split(model)
+    (dod_jax/__init__.py). The merged state shares the arrays the fold leaves alone with `state`."""
+    merged_graphdef, written, kept = _fold(graphdef, state, lq)
+    given = dict(nnx.to_flat_state(state))
+    return merged_graphdef, nnx.from_flat_state(list(nnx.to_flat_state(written)) + [(p, given[p]) for p in kept.paths])
 
 
 def content_seed(image: np.ndarray) -> int:
