@@ -10,6 +10,7 @@ import sys
 
 from absl import logging
 
+from dod_jax import compilation_cache
 from dod_jax.configs import apply_overrides, load_config
 from dod_jax.errors import reported
 from dod_jax.training.loop import run
@@ -22,12 +23,14 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="configs/aio3.py", help="a config file (get_config())")
     parser.add_argument("--workdir", required=True, help="the run's directory (checkpoints, logs, samples)")
     parser.add_argument("--stop_at", type=int, help="stop (with a checkpoint) after this step; train.steps stays the goal")
+    compilation_cache.add_argument(parser)
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.set_verbosity(logging.WARNING)  # orbax reports every save step at INFO
     with reported(parser.prog):
+        compilation_cache.enable(args.compilation_cache)
         config = apply_overrides(load_config(args.config), [a[len("--config."):] for a in rest])
         summary = run(config, args.workdir, stop_at=args.stop_at)
     print(json.dumps(summary))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from absl import logging as absl_logging
 
+from dod_jax import compilation_cache
 from dod_jax.configs import load_config
 from dod_jax.errors import reported
 from dod_jax.evaluation.iqa import PyiqaMetrics
@@ -68,9 +69,11 @@ def main(argv=None):
     parser.add_argument("--stage1-steps", type=int, default=None, help="default: the config's demo.<stage>.steps, else train.steps")
     parser.add_argument("--stage2-steps", type=int, default=None, help="default: the config's demo.<stage>.steps, else train.steps")
     parser.add_argument("--eval-per-task", type=int, default=None, help="evaluate this many test pairs per task")
+    compilation_cache.add_argument(parser)
     args = parser.parse_args(argv)
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax reports every save step at INFO
     with reported(parser.prog):
+        compilation_cache.enable(args.compilation_cache)
         return demo(load_config(args.config), args.workdir.resolve(),
                     {"stage1": args.stage1_steps, "stage2": args.stage2_steps}, args.eval_per_task)
 

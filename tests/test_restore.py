@@ -4,6 +4,10 @@ path, restore bundles, and the `restore` command on good and bad files."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -12,6 +16,7 @@ from flax import nnx
 from PIL import Image
 
 from conftest import ROOT
+from dod_jax import compilation_cache
 from dod_jax.configs import load_config
 from dod_jax.data.demo import demo_photos
 from dod_jax.dod.build import base_models, build_dod
@@ -324,3 +329,37 @@ def test_the_official_preset_sets_the_authors_inference_and_flags_still_win(micr
     assert (settings["tiling"], settings["min_side"], settings["seed"], settings["mfm_size"]) == ("pixel", 64, 5, 256)
     with Image.open(out / "photo.png") as im:
         assert im.size == (150, 100)
+
+
+def test_a_second_restore_loads_its_compiled_functions_from_the_cache(micro, tmp_path):
+    """`restore` keeps what it compiles in the default persistent cache (under XDG_CACHE_HOME, per
+    CPU); run again on the same shapes it adds nothing there (every function loaded, none
+    compiled), and `--compilation-cache off` leaves the cache alone."""
+    config, model = micro
+    bundle = save_bundle(model, config, "stage2", tmp_path / "bundle")
+    Image.fromarray(demo_photos()["chelsea"][:64, :96]).save(tmp_path / "photo.png")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}  # the suite's own
+    env["XDG_CACHE_HOME"] = str(tmp_path / "home_cache")
+
+    def restore(*flags):
+        result = subprocess.run([sys.executable, "-m", "dod_jax.restore.cli", str(tmp_path / "photo.png"), "--output",
+                                 str(tmp_path / "out"), "--ckpt", str(bundle), "--min-side", "64", *flags],
+                                env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stderr, sorted(p.name for p in (tmp_path / "home_cache").rglob("*-cache"))
+
+    first_log, first = restore()
+    assert f"compilation cache: {tmp_path / 'home_cache' / 'dod_jax' / 'xla'}" in first_log
+    assert any(name.startswith("jit_") for name in first), first
+    assert restore()[1] == first
+    shutil.rmtree(tmp_path / "home_cache")
+    off_log, off = restore("--compilation-cache", "off")
+    assert off == [] and "compilation cache:" not in off_log
+
+
+def test_a_cache_folder_that_cannot_be_made_is_reported_and_left_out(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    before = jax.config.jax_compilation_cache_dir
+    assert compilation_cache.enable(str(tmp_path / "file" / "cache")) is None
+    assert jax.config.jax_compilation_cache_dir == before
+    assert f"compilation cache {tmp_path / 'file' / 'cache'}: cannot be created" in capsys.readouterr().err

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from dod_jax import compilation_cache
 from dod_jax.data import degradations as deg
 from dod_jax.data import layouts
 from dod_jax.evaluation import metrics
@@ -270,6 +271,7 @@ def main(argv=None) -> int:
     if args.data and not args.out:
         parser.error("--data needs --out")
     with reported(parser.prog):
+        compilation_cache.enable(args.compilation_cache)
         return run_mode(args)
 
 

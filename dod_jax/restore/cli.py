@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from dod_jax import compilation_cache
 from dod_jax.data.layouts import IMAGE_SUFFIXES
 from dod_jax.errors import InputError, reported
 from dod_jax.files import atomic_write
@@ -155,6 +156,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser):
                         help="official: the authors' inference (Lanczos resize to multiples of 8, latent tiling of "
                              "the UNet, the MFM on a bicubic 256 x 256 copy, a posterior sample); the flags above "
                              "still take precedence")
+    compilation_cache.add_argument(parser)
 
 
 SETTING_FLAGS = ("bucket", "tile", "tile_overlap", "tile_above", "color_fix", "min_side", "fit", "tiling")
@@ -187,6 +189,7 @@ def main(argv=None) -> int:
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
     with reported(parser.prog):
+        compilation_cache.enable(args.compilation_cache)
         return restore_command(args, args.inputs, args.output)
 
 
