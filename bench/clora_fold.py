@@ -12,7 +12,6 @@ Writes bench/results/clora_fold_<backend>.json.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -27,22 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from bench.forward import median_seconds  # noqa: E402
-from dod_jax import adapters  # noqa: E402
 from dod_jax.configs import load_config  # noqa: E402
 from dod_jax.dod.build import build_dod, random_base  # noqa: E402
 from dod_jax.machine import cpu_model  # noqa: E402
-from dod_jax.restore.engine import merge_generator  # noqa: E402
+from dod_jax.restore.engine import fold_for, merge_generator  # noqa: E402
 from merge_check import randomise_generator_b, randomise_mtheta  # noqa: E402
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def merge_given(graphdef, state, film):
-    """The fold's merge for a given modulation; returns the kernels and biases it writes."""
-    model = nnx.merge(graphdef, state)
-    model.merge_generator(film)
-    folded = [layer for path, layer in adapters.layers(model.unet) if path in {*model.unet_adapted, "conv_in"}]
-    folded += [layer for path, layer in adapters.layers(model.vae) if path in set(model.vae_adapted)]
-    return [(layer.kernel[...], None if layer.bias is None else layer.bias[...]) for layer in folded]
 
 
 def main():
@@ -61,8 +49,8 @@ def main():
 
     film_of = jax.jit(lambda state, lq: nnx.merge(graphdef, state).film(lq))
     film = film_of(state, lq)
-    written = merge_given(graphdef, state, film)
-    arrays = [a for a in jax.tree.leaves(written)]
+    merge_given = jax.jit(fold_for, static_argnums=0)  # the fold's merge, given the modulation
+    arrays = jax.tree.leaves(merge_given(graphdef, state, film)[1])
     plus_one = jax.jit(lambda arrays: [a + 1.0 for a in arrays])
     timed = {
         "modulation (MFM + M_theta)": lambda: film_of(state, lq),

@@ -104,8 +104,8 @@ def matmul_ceiling_gflops(n: int = 4096, reps: int = 5) -> float:
 
 
 def case_key(run: dict) -> tuple:
-    """A row's case: size, batch, dtype (float32 in rows from before it was recorded), CLoRA, XLA options."""
-    return run["size"], run["batch"], run.get("dtype", "float32"), run["clora"], run["xla_flags"]
+    """A row's case: size, batch, dtype, CLoRA, XLA options."""
+    return run["size"], run["batch"], run["dtype"], run["clora"], run["xla_flags"]
 
 
 def rms(a, b) -> float:

@@ -14,7 +14,7 @@ from dod_jax.configs import load_config
 from dod_jax.dod import GENERATOR, abstract_dod, build_dod, parameter_counts, random_base, trainable
 from dod_jax.dod.model import STAGE_GROUPS
 from dod_jax.forward_demo import one_step
-from dod_jax.restore.engine import merge_generator
+from dod_jax.restore.engine import merge_generator, state_arrays
 from merge_check import loras, randomise_generator_b, randomise_mtheta, two_images
 
 SIZE = 64
@@ -119,9 +119,7 @@ def test_merged_clora_equals_unmerged_per_image_and_images_get_their_own_modulat
     merged_graphdef, merged_state = merge_generator(graphdef, state, lq[1:2])
     restored = jax.jit(lambda g, s, x: nnx.merge(g, s)(x), static_argnums=0)(merged_graphdef, merged_state, lq[1:2])
     np.testing.assert_allclose(np.asarray(restored)[0], unmerged[1], atol=5e-5)
-    array = lambda entry: entry.get_value() if isinstance(entry, nnx.Variable) else entry
-    given = {path: array(entry) for path, entry in nnx.to_flat_state(state)}
-    merged_flat = {path: array(entry) for path, entry in nnx.to_flat_state(merged_state)}
+    given, merged_flat = state_arrays(state), state_arrays(merged_state)
     shared = {path for path, value in merged_flat.items() if value is given.get(path)}
     assert {path[0] for path in shared} >= {"adm", "hde", "modulator"} and ("vae", "decoder") in {p[:2] for p in shared}
     folded = [path for path in merged_flat if path not in shared]

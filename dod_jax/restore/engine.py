@@ -110,19 +110,31 @@ class _Paths:
     paths: tuple
 
 
+def state_arrays(state: nnx.State) -> dict:
+    """{path: array} of a state (each Variable's value): which arrays two states share."""
+    return {path: entry.get_value() if isinstance(entry, nnx.Variable) else entry
+            for path, entry in nnx.to_flat_state(state)}
+
+
+def fold_for(graphdef: nnx.GraphDef, state: nnx.State, film):
+    """The generator of the DOD model (graphdef, state) folded for the modulation `film` of one
+    image: (merged graphdef, the state entries the fold wrote, the paths of those it left as they
+    were). Compiled, only written entries are outputs: an output that is an unchanged input is
+    still a copy, and the whole state at SD 2.1's size is 5 GB an image."""
+    given = state_arrays(state)
+    model = nnx.merge(graphdef, state)
+    model.merge_generator(film)
+    merged_graphdef, merged = nnx.split(model)
+    merged_arrays = state_arrays(merged)
+    written = [(path, entry) for path, entry in nnx.to_flat_state(merged) if merged_arrays[path] is not given.get(path)]
+    kept = tuple(path for path, array in merged_arrays.items() if array is given.get(path))
+    return merged_graphdef, nnx.from_flat_state(written), _Paths(kept)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _fold(graphdef: nnx.GraphDef, state: nnx.State, lq):
-    """The fold of merge_generator, compiled: (merged graphdef, the state entries the fold wrote,
-    the paths of those it left as they were). Only written entries are outputs: an output that
-    is an input unchanged is still a copy, and the whole state at SD 2.1's size is 5 GB an image."""
-    array = lambda entry: entry.get_value() if isinstance(entry, nnx.Variable) else entry
-    given = {path: array(entry) for path, entry in nnx.to_flat_state(state)}
-    model = nnx.merge(graphdef, state)
-    model.merge_generator(model.film(lq))
-    merged_graphdef, merged = nnx.split(model)
-    written = [(path, entry) for path, entry in nnx.to_flat_state(merged) if array(entry) is not given.get(path)]
-    kept = tuple(path for path, entry in nnx.to_flat_state(merged) if array(entry) is given.get(path))
-    return merged_graphdef, nnx.from_flat_state(written), _Paths(kept)
+    """fold_for with M_theta's modulation of `lq`, in one compiled call."""
+    return fold_for(graphdef, state, nnx.merge(graphdef, state).film(lq))
 
 
 def merge_generator(graphdef: nnx.GraphDef, state: nnx.State, lq) -> tuple[nnx.GraphDef, nnx.State]:
