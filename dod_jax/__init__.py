@@ -16,7 +16,7 @@ function is fused into one YNNPACK call that returns garbage at some shapes, e.g
 
 prints a relative error near 1.5 (6e-7 without it); widths 320 and 1280 at 64 tokens and ranks
 4 to 16 fail. That is merged CLoRA's `x (W0 + s A diag(gamma) B)` in one jit, so dod-jax merges
-in its own compiled function (dod_jax.restore.engine.merged_restore) and passes the merged
+in its own compiled function (dod_jax.restore.engine.merge_generator) and passes the merged
 weights to the forward as inputs. tests/test_xla_options.py holds restore, merged and unmerged,
 under the opt-in against XLA's defaults; training under it is not proven (README, "XLA options").
 """
