@@ -228,6 +228,25 @@ def test_micro_batches_equal_the_whole_batch_and_non_finite_updates_are_skipped(
     assert int(after.step) == 2  # the step counts; the update does not happen
 
 
+@pytest.mark.parametrize("stage, remat", [("stage1", "blocks"), ("stage2", "dots")])
+def test_a_rematerialised_step_equals_the_plain_one(stage, remat):
+    """train.remat recomputes the UNet's and VAE's blocks in the backward pass of the jitted
+    step (keeping nothing of them, or their matmul and convolution outputs): same losses,
+    restorations and updates as without."""
+    plain_stage, state, frozen = setup(stage, **UNCLIPPED)
+    remat_stage, remat_state, remat_frozen = setup(stage, remat=remat, **UNCLIPPED)
+    batch = batch_of(2)
+    jaxpr = str(jax.make_jaxpr(remat_stage.train_step)(remat_state, remat_frozen, batch))
+    assert "remat2[" in jaxpr and "remat2[" not in str(jax.make_jaxpr(plain_stage.train_step)(state, frozen, batch))
+    plain, plain_metrics, plain_restored = jax.jit(plain_stage.train_step)(state, frozen, batch)
+    rematted, metrics, restored = jax.jit(remat_stage.train_step)(remat_state, remat_frozen, batch)
+    for k in plain_metrics:
+        np.testing.assert_allclose(metrics[k], plain_metrics[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(restored, plain_restored, atol=1e-5)
+    assert_trees_close(first_moments(rematted.opt_state), first_moments(plain.opt_state), MU_RTOL_ONE_STEP, "mu")
+    assert_adam_steps_agree(rematted.params, plain.params, micro_config().train.lr)
+
+
 def test_loss_weight_presets():
     config = micro_config()
     assert loss_weights(config.train) == LOSS_WEIGHTS["code"] == {"l2": 2.0, "lpips": 5.0, "dmd": 1.0, "ssim": 0.1}

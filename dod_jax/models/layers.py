@@ -411,10 +411,17 @@ def remat_mode(remat) -> str | None:
 
 def call_maybe_remat(remat: str | None, fn: Callable, module: nnx.Module, *args):
     """Call `fn(module, *args)`, rematerialised in the backward pass with policy `remat` (a
-    remat_mode result). Non-array arguments must be closed over in `fn`."""
+    remat_mode result). Non-array arguments must be closed over in `fn`, and `fn` must not
+    change the module's state (a block's forward does not). The block runs as a pure function
+    of its state under jax.checkpoint: nnx.remat writes its state back into the module's
+    Variables, which the training step creates in an outer trace (the jitted step) and reads
+    under jax.grad, and NNX refuses that write ("Cannot mutate Param from a different trace
+    level")."""
     if remat is None:
         return fn(module, *args)
-    return nnx.remat(fn, policy=REMAT_POLICIES[remat])(module, *args)
+    graphdef, state = nnx.split(module)
+    return jax.checkpoint(lambda state, *args: fn(nnx.merge(graphdef, state), *args),
+                          policy=REMAT_POLICIES[remat])(state, *args)
 
 
 def as_tuple(value, n: int, name: str) -> tuple:
