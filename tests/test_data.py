@@ -10,7 +10,8 @@ from dod_jax.data import degradations as deg
 from dod_jax.data import layouts
 from dod_jax.data.demo import write_demo_set
 from dod_jax.data.layouts import DataError, checked_pairs, read_rgb, scan
-from dod_jax.data.pipeline import STAGE1_RATIO, TrainBatches, crop_flip, sources_from_pairs
+from dod_jax.data.pipeline import STAGE1_RATIO, TrainBatches, crop_flip, parse_ratio, ratio_text, sources_from_pairs
+from dod_jax.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +235,11 @@ def test_small_images_are_resized_up_before_cropping():
     lq, gt = crop_flip([ramp, ramp * 0.5], 128, np.random.default_rng(0))
     assert lq.shape == gt.shape == (128, 128, 3) and 0 <= lq.min() and lq.max() <= 1
     np.testing.assert_allclose(gt, lq * 0.5, atol=1e-5)  # the same crop and flips for both
+
+
+def test_a_task_ratio_is_read_as_written_and_a_malformed_one_names_its_setting():
+    assert parse_ratio("dehaze:3, derain:2,denoise:2", "data.stage1_ratio") == STAGE1_RATIO
+    assert parse_ratio(ratio_text(STAGE1_RATIO), "pretrain.ratio") == STAGE1_RATIO
+    for text in ("dehaze", "dehaze:three", "dehaze:3,"):
+        with pytest.raises(ConfigError, match=f"pretrain.ratio '{text}': expected 'task:n,task:n'"):
+            parse_ratio(text, "pretrain.ratio")

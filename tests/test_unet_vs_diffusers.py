@@ -9,7 +9,7 @@ from flax import nnx
 
 from conftest import nchw, nhwc, sd1_style_tiny_unet, sd21_config, tiny_config
 from torch_models import diffusers_model
-from dod_jax.weights.diffusers import load_model
+from dod_jax.weights.diffusers import load_diffusers_model
 
 
 def unet_outputs(config: dict, tmp_path, latent_hw, seed=0, timesteps=(999, 37)):
@@ -23,7 +23,7 @@ def unet_outputs(config: dict, tmp_path, latent_hw, seed=0, timesteps=(999, 37))
         expected = nhwc(ref(nchw(sample), torch.tensor(timesteps), torch.from_numpy(context)).sample)
     del ref  # SD 2.1's UNet is 3.5 GB in float32: never hold both ports at once
     gc.collect()
-    ours = load_model(tmp_path)
+    ours = load_diffusers_model(tmp_path)
     got = np.asarray(nnx.jit(lambda m, *a: m(*a))(ours, sample, np.array(timesteps), context))
     return got, expected
 

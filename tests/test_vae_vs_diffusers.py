@@ -8,13 +8,13 @@ from flax import nnx
 
 from conftest import nchw, nhwc, sd21_config, tiny_config
 from torch_models import diffusers_model
-from dod_jax.weights.diffusers import load_model
+from dod_jax.weights.diffusers import load_diffusers_model
 
 
 def compare_vae(config: dict, tmp_path, hw, seed=0, atol=1e-4):
     ref = diffusers_model("vae", config, seed)
     ref.save_pretrained(tmp_path)
-    ours = load_model(tmp_path)
+    ours = load_diffusers_model(tmp_path)
     rng = np.random.default_rng(seed)
     image = rng.uniform(-1, 1, (2, *hw, 3)).astype(np.float32)
     latent_hw = [s // ours.config.downscale for s in hw]
@@ -49,7 +49,7 @@ def test_tiny_vae_without_mid_attention_or_quant_convs(tmp_path):
 def test_encoder_skips_are_down_block_inputs_and_decoder_hook_sees_up_block_inputs(tmp_path):
     ref = diffusers_model("vae", tiny_config().vae.to_dict())
     ref.save_pretrained(tmp_path)
-    ours = load_model(tmp_path)
+    ours = load_diffusers_model(tmp_path)
     image = np.random.default_rng(1).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
     captured_in = []
     hooks = [mod.register_forward_pre_hook(lambda m, args: captured_in.append(nhwc(args[0])))

@@ -17,7 +17,7 @@ from conftest import tiny_config
 from torch_models import diffusers_model
 from dod_jax.schedule import DDPMSchedule
 from dod_jax.weights.diffusers import (SAFETENSORS_NAME, SDPipeline, WeightsError, WeightsMismatchError,
-                                       load_model, load_pipeline, save_model, save_pipeline)
+                                       load_diffusers_model, load_pipeline, save_diffusers_model, save_pipeline)
 
 
 def params_of(model):
@@ -47,10 +47,10 @@ def copy_folder(src, tmp_path):
 @pytest.mark.parametrize("which", ["unet", "vae"])
 def test_save_round_trips_exactly_and_diffusers_reads_it(which, unet_folder, vae_folder, tmp_path):
     src = {"unet": unet_folder, "vae": vae_folder}[which]
-    model = load_model(src)
+    model = load_diffusers_model(src)
     values = [v[...] for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     assert all(isinstance(v, jax.Array) for v in values), "a parameter was left without a loaded value"
-    save_model(model, tmp_path / "ours")
+    save_diffusers_model(model, tmp_path / "ours")
     original, written = load_file(src / SAFETENSORS_NAME), load_file(tmp_path / "ours" / SAFETENSORS_NAME)
     assert sorted(original) == sorted(written)
     for name in original:
@@ -62,7 +62,7 @@ def test_save_round_trips_exactly_and_diffusers_reads_it(which, unet_folder, vae
     reread = cls.from_pretrained(str(tmp_path / "ours"))
     for (name, a), (_, b) in zip(cls.from_pretrained(str(src)).state_dict().items(), reread.state_dict().items()):
         assert torch.equal(a, b), name
-    assert load_model(tmp_path / "ours").config == model.config
+    assert load_diffusers_model(tmp_path / "ours").config == model.config
 
 
 def test_legacy_vae_attention_names_load(vae_folder, tmp_path):
@@ -75,7 +75,7 @@ def test_legacy_vae_attention_names_load(vae_folder, tmp_path):
         legacy[name] = t
     assert "encoder.mid_block.attentions.0.query.weight" in legacy
     save_file(legacy, folder / SAFETENSORS_NAME)
-    got, expected = params_of(load_model(folder)), params_of(load_model(vae_folder))
+    got, expected = params_of(load_diffusers_model(folder)), params_of(load_diffusers_model(vae_folder))
     for path in expected:
         np.testing.assert_array_equal(got[path], expected[path])
 
@@ -90,15 +90,15 @@ def test_sharded_and_fp16_variant_files_load(unet_folder, tmp_path):
         save_file({k: tensors[k] for k in keys}, folder / shard)
     index = {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}
     (folder / f"{SAFETENSORS_NAME}.index.json").write_text(json.dumps(index))
-    sharded, expected = params_of(load_model(folder)), params_of(load_model(unet_folder))
+    sharded, expected = params_of(load_diffusers_model(folder)), params_of(load_diffusers_model(unet_folder))
     assert all(np.array_equal(sharded[p], expected[p]) for p in expected)
 
     save_file({k: v.astype(np.float16) for k, v in tensors.items()}, folder / "diffusion_pytorch_model.fp16.safetensors")
-    half = load_model(folder, variant="fp16")
+    half = load_diffusers_model(folder, variant="fp16")
     assert all(v.dtype == jnp.float32 for v in params_of(half).values())
     for p, v in params_of(half).items():
         np.testing.assert_array_equal(v, expected[p].astype(np.float16).astype(np.float32))
-    assert all(v.dtype == jnp.bfloat16 for v in params_of(load_model(folder, param_dtype=jnp.bfloat16)).values())
+    assert all(v.dtype == jnp.bfloat16 for v in params_of(load_diffusers_model(folder, param_dtype=jnp.bfloat16)).values())
 
 
 def diffusers_flax_tree(tensors: dict) -> dict:
@@ -131,7 +131,7 @@ def test_diffusers_flax_msgpack_loads(which, unet_folder, vae_folder, tmp_path):
     tree = diffusers_flax_tree(load_file(folder / SAFETENSORS_NAME))
     (folder / SAFETENSORS_NAME).unlink()
     (folder / "diffusion_flax_model.msgpack").write_bytes(serialization.msgpack_serialize(tree))
-    got, expected = params_of(load_model(folder)), params_of(load_model(src))
+    got, expected = params_of(load_diffusers_model(folder)), params_of(load_diffusers_model(src))
     assert got.keys() == expected.keys()
     for p in expected:
         np.testing.assert_array_equal(got[p], expected[p])
@@ -139,7 +139,7 @@ def test_diffusers_flax_msgpack_loads(which, unet_folder, vae_folder, tmp_path):
     del tree["post_quant_conv" if which == "vae" else "conv_in"]["bias"]
     (folder / "diffusion_flax_model.msgpack").write_bytes(serialization.msgpack_serialize(tree))
     with pytest.raises(WeightsMismatchError, match="1 missing: (post_quant_conv|conv_in)/bias"):
-        load_model(folder)
+        load_diffusers_model(folder)
 
 
 def rewrite(folder, edit):
@@ -158,7 +158,7 @@ def test_missing_unexpected_and_misshaped_tensors_are_all_named(unet_folder, tmp
 
     rewrite(folder, edit)
     with pytest.raises(WeightsMismatchError) as info:
-        load_model(folder)
+        load_diffusers_model(folder)
     err = info.value
     assert err.missing == ["mid_block.attentions.0.proj_out.weight"]
     assert err.unexpected == ["extra.weight"]
@@ -175,7 +175,7 @@ def test_weights_that_belong_to_another_config_are_refused(unet_folder, tmp_path
     config["block_out_channels"] = [32, 64, 96]
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(WeightsMismatchError, match="mis-shaped"):
-        load_model(folder)
+        load_diffusers_model(folder)
 
 
 def test_truncated_and_corrupt_files_are_named(unet_folder, tmp_path):
@@ -184,10 +184,10 @@ def test_truncated_and_corrupt_files_are_named(unet_folder, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightsError, match=re.escape(str(path))):
-        load_model(folder)
+        load_diffusers_model(folder)
     path.write_bytes(b"\x00" * 64)
     with pytest.raises(WeightsError, match=re.escape(str(path))):
-        load_model(folder)
+        load_diffusers_model(folder)
 
 
 def test_config_problems_are_named(unet_folder, tmp_path):
@@ -197,30 +197,30 @@ def test_config_problems_are_named(unet_folder, tmp_path):
 
     config_path.write_text(json.dumps(dict(config, class_embed_type="timestep")))
     with pytest.raises(WeightsError, match=r"config\.json.*class_embed_type='timestep'"):
-        load_model(folder)
+        load_diffusers_model(folder)
     config_path.write_text(json.dumps(dict(config, _class_name="ControlNetModel")))
     with pytest.raises(WeightsError, match="ControlNetModel"):
-        load_model(folder)
+        load_diffusers_model(folder)
     config_path.write_text("{not json")
     with pytest.raises(WeightsError, match="not valid JSON"):
-        load_model(folder)
+        load_diffusers_model(folder)
     config_path.unlink()
     with pytest.raises(WeightsError, match="config.json: missing"):
-        load_model(folder)
+        load_diffusers_model(folder)
     with pytest.raises(WeightsError, match="no such model folder"):
-        load_model(tmp_path / "absent")
+        load_diffusers_model(tmp_path / "absent")
 
 
 def test_folder_without_weights_says_what_it_holds(unet_folder, tmp_path):
     folder = copy_folder(unet_folder, tmp_path)
     (folder / SAFETENSORS_NAME).rename(folder / "diffusion_pytorch_model.bin")
     with pytest.raises(WeightsError, match=r"no weights found.*diffusion_pytorch_model\.bin.*conversion"):
-        load_model(folder)
+        load_diffusers_model(folder)
 
 
 def test_pipeline_folder_round_trip(unet_folder, vae_folder, tmp_path):
     from conftest import sd21_config
-    pipe = SDPipeline(load_model(unet_folder), load_model(vae_folder), DDPMSchedule.create())
+    pipe = SDPipeline(load_diffusers_model(unet_folder), load_diffusers_model(vae_folder), DDPMSchedule.create())
     save_pipeline(pipe, tmp_path / "pipe", sd21_config().scheduler.to_dict())
     loaded = load_pipeline(tmp_path / "pipe")
     np.testing.assert_array_equal(np.asarray(loaded.schedule.alphas_cumprod), np.asarray(pipe.schedule.alphas_cumprod))

@@ -24,10 +24,25 @@ import numpy as np
 
 from dod_jax.data import degradations as deg
 from dod_jax.data.layouts import DENOISE_SIGMAS, DataError, Pair, read_rgb
+from dod_jax.errors import ConfigError
 from dod_jax.image_ops import resize_float
 
 STAGE1_RATIO = {"dehaze": 3, "derain": 2, "denoise": 2}
 STAGE2_RATIO = {"dehaze": 1, "derain": 1, "denoise": 1}
+
+
+def parse_ratio(text: str, setting: str) -> dict[str, int]:
+    """A task ratio written 'task:n,task:n' -> {task: n}; `setting` (the config key it came
+    from) names it in the error."""
+    try:
+        return {t.strip(): int(n) for t, n in (item.split(":") for item in text.split(","))}
+    except ValueError as e:
+        raise ConfigError(f"{setting} {text!r}: expected 'task:n,task:n'") from e
+
+
+def ratio_text(ratio: dict[str, int]) -> str:
+    """parse_ratio's inverse."""
+    return ",".join(f"{t}:{n}" for t, n in ratio.items())
 
 
 def crop_flip(images: list[np.ndarray], size: int, rng: np.random.Generator) -> list[np.ndarray]:

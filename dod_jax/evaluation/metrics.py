@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dod_jax.losses.ssim import ssim as ssim_batch
+from dod_jax.losses.ssim import batch_ssim
 
 COLORS = ("rgb", "y")
 Y_WEIGHTS = np.array([0.299, 0.587, 0.114])
@@ -36,7 +36,7 @@ def psnr(restored: np.ndarray, reference: np.ndarray, *, color: str = "rgb", cro
     return float(10.0 * np.log10(1.0 / (np.mean((x - y) ** 2) + 1e-8)))
 
 
-_ssim_255 = jax.jit(lambda x, y: ssim_batch(x, y, data_range=255.0, nonnegative_cs=True))
+_ssim_255 = jax.jit(lambda x, y: batch_ssim(x, y, data_range=255.0, nonnegative_cs=True))
 
 
 def ssim(restored: np.ndarray, reference: np.ndarray, *, color: str = "rgb", crop_border: int = 0) -> float:

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from dod_jax import compilation_cache
 from dod_jax.data import degradations as deg
@@ -45,7 +44,7 @@ from dod_jax.evaluation.iqa import LOWER_IS_BETTER, PER_IMAGE, PER_SET, PyiqaMet
 from dod_jax.image_ops import to_uint8
 from dod_jax.losses.lpips import load_lpips
 from dod_jax.restore import cli
-from dod_jax.restore.engine import Restorer
+from dod_jax.restore.engine import Restorer, restored_in_batches
 
 METHODS = ("lq", "dod")
 LABELS = {"lq": "Input (LQ)", "dod": "DOD (ours)"}
@@ -143,37 +142,22 @@ def evaluate(restorer: Restorer, items: list[Item], out: Path, scorer: Scorer, p
     """Restore and score `items`; write images, results.json and results.md into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     rows, problems = [], list(problems)
-    batch = restorer.settings.batch_size
-    progress = tqdm(total=len(items), desc="evaluate", unit="image", dynamic_ncols=True)
-    restorer.status = progress.set_postfix_str  # shows when a new shape compiles
-    for start in range(0, len(items), batch):
-        chunk, lqs, gts = [], [], []
-        for item in items[start:start + batch]:
-            try:
-                lq, gt = _read(item)
-            except layouts.DataError as e:
-                problems.append(str(e))
-                progress.update(1)
-                continue
-            chunk.append(item)
-            lqs.append(lq)
-            gts.append(gt)
-        for item, lq, gt, restored in zip(chunk, lqs, gts, restorer.restore(lqs) if lqs else []):
-            images = {"lq": _quantised(lq), "dod": _quantised(restored)}
-            cli.write_image(images["dod"], out / "restored" / item.task / f"{item.name}.png")
-            sheet = [images["lq"], images["dod"]] + ([_quantised(gt)] if gt is not None else [])
-            cli.write_image(np.concatenate(sheet, axis=1), out / "sheets" / item.task / f"{item.name}.png")
-            row = {"task": item.task, "image": item.name, "lq_file": str(item.lq) if item.lq else None,
-                   "gt_file": str(item.gt) if item.gt else None, "sigma": item.sigma}
+    skip = lambda item, error: problems.append(str(error))
+    for item, lq, gt, restored, _ in restored_in_batches(restorer, items, _read, desc="evaluate",
+                                                        skipped=(layouts.DataError,), on_skip=skip):
+        images = {"lq": _quantised(lq), "dod": _quantised(restored)}
+        cli.write_image(images["dod"], out / "restored" / item.task / f"{item.name}.png")
+        sheet = [images["lq"], images["dod"]] + ([_quantised(gt)] if gt is not None else [])
+        cli.write_image(np.concatenate(sheet, axis=1), out / "sheets" / item.task / f"{item.name}.png")
+        row = {"task": item.task, "image": item.name, "lq_file": str(item.lq) if item.lq else None,
+               "gt_file": str(item.gt) if item.gt else None, "sigma": item.sigma}
+        for method, image in images.items():
+            row[method] = scorer.scores(image.astype(np.float32) / 255.0, gt)
+        rows.append(row)
+        if gt is not None and scorer.pyiqa.metrics.keys() & set(PER_SET):
             for method, image in images.items():
-                row[method] = scorer.scores(image.astype(np.float32) / 255.0, gt)
-            rows.append(row)
-            if gt is not None and scorer.pyiqa.metrics.keys() & set(PER_SET):
-                for method, image in images.items():
-                    cli.write_image(image, out / "sets" / method / item.task / f"{item.name}.png")
-                cli.write_image(_quantised(gt), out / "sets" / "gt" / item.task / f"{item.name}.png")
-            progress.update(1)
-    progress.close()
+                cli.write_image(image, out / "sets" / method / item.task / f"{item.name}.png")
+            cli.write_image(_quantised(gt), out / "sets" / "gt" / item.task / f"{item.name}.png")
     tasks = aggregate(rows)
     for name in PER_SET:
         for task in list(tasks):

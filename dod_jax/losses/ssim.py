@@ -33,15 +33,15 @@ def _filter(x, window):
                                         precision=jax.lax.Precision.HIGHEST)
 
 
-def ssim(x, y, *, data_range: float, window_size: int = WINDOW, sigma: float = SIGMA,
+def batch_ssim(x, y, *, data_range: float, window_size: int = WINDOW, sigma: float = SIGMA,
          k1: float = 0.01, k2: float = 0.03, nonnegative_cs: bool = False):
     """Per-image SSIM of (B, H, W, C) images whose values span `data_range` (2 for [-1, 1]
     images, 1 for [0, 1], 255 for 8-bit values). Computed in float32; returns (B,).
     `nonnegative_cs` clips the contrast-structure term at 0, as pyiqa's metric does."""
     if x.shape != y.shape or x.ndim != 4:
-        raise ValueError(f"ssim needs two (B, H, W, C) arrays of one shape, got {x.shape} and {y.shape}")
+        raise ValueError(f"batch_ssim needs two (B, H, W, C) arrays of one shape, got {x.shape} and {y.shape}")
     if min(x.shape[1:3]) < window_size:
-        raise ValueError(f"ssim needs images of at least {window_size}x{window_size}, got {x.shape[1:3]}")
+        raise ValueError(f"batch_ssim needs images of at least {window_size}x{window_size}, got {x.shape[1:3]}")
     x, y = x.astype(jnp.float32), y.astype(jnp.float32)
     window = gaussian_window(window_size, sigma)
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
@@ -58,4 +58,4 @@ def ssim(x, y, *, data_range: float, window_size: int = WINDOW, sigma: float = S
 
 def ssim_loss(restored, target, *, data_range: float = 2.0):
     """1 - mean SSIM, the stage-2 loss term (data range 2 for [-1, 1] images)."""
-    return 1.0 - ssim(restored, target, data_range=data_range).mean()
+    return 1.0 - batch_ssim(restored, target, data_range=data_range).mean()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -31,7 +30,7 @@ from dod_jax.files import atomic_write
 from dod_jax.restore.bundle import Loaded, load_model
 from dod_jax.restore.color import COLOR_FIXES
 from dod_jax.dod.images import FITS
-from dod_jax.restore.engine import PRESETS, TILINGS, Restorer, RestoreSettings
+from dod_jax.restore.engine import PRESETS, TILINGS, Restorer, RestoreSettings, restored_in_batches
 
 LOG_FILE = "restore_log.json"
 
@@ -97,31 +96,18 @@ def _size_key(path: Path):
 def restore_files(restorer: Restorer, files: list[tuple[Path, Path]], output: Path) -> list[dict]:
     """Restore `files` into `output`; one record per file (status ok or error)."""
     records = []
+
+    def skip(item, error):
+        tqdm.write(f"skipped {error}")
+        records.append({"input": str(item[0]), "status": "error", "error": str(error)})
+
     ordered = sorted(files, key=lambda item: _size_key(item[0]))
-    batch_size = restorer.settings.batch_size
-    progress = tqdm(total=len(ordered), desc="restore", unit="image", dynamic_ncols=True)
-    restorer.status = progress.set_postfix_str  # shows when a new shape compiles
-    for start in range(0, len(ordered), batch_size):
-        chunk, images = [], []
-        for source, name in ordered[start:start + batch_size]:
-            try:
-                images.append(read_image(source))
-                chunk.append((source, name))
-            except ImageReadError as e:
-                tqdm.write(f"skipped {e}")
-                records.append({"input": str(source), "status": "error", "error": str(e)})
-                progress.update(1)
-        if not images:
-            continue
-        began = time.perf_counter()
-        restored = restorer.restore(images)
-        seconds = (time.perf_counter() - began) / len(images)
-        for (source, name), image, result in zip(chunk, images, restored):
-            written = write_image(result, output / name)
-            records.append({"input": str(source), "output": str(written), "status": "ok",
-                            "size": list(image.shape[:2]), "seconds": round(seconds, 4)})
-            progress.update(1)
-    progress.close()
+    for (source, name), image, _, result, seconds in restored_in_batches(
+            restorer, ordered, lambda item: (read_image(item[0]), None), desc="restore",
+            skipped=(ImageReadError,), on_skip=skip):
+        written = write_image(result, output / name)
+        records.append({"input": str(source), "output": str(written), "status": "ok",
+                        "size": list(image.shape[:2]), "seconds": round(seconds, 4)})
     return records
 
 

@@ -34,12 +34,13 @@ import dataclasses
 import functools
 import time
 import zlib
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from dod_jax.dod.images import FITS, MULTIPLE, Prepared, finish, prepare
 from dod_jax.dod.model import DOD
@@ -157,6 +158,36 @@ def content_seed(image: np.ndarray) -> int:
 def image_key(seed: int, content):
     """The key of one image's posterior noise: the run's seed folded with its content_seed."""
     return jax.random.fold_in(jax.random.key(seed), content)
+
+
+def restored_in_batches(restorer: "Restorer", items: Sequence, read: Callable, *, desc: str,
+                        skipped: tuple[type[Exception], ...] = (), on_skip: Callable | None = None) -> Iterator[tuple]:
+    """(item, image, extra, restoration, seconds per image of its batch) for each of `items`,
+    restored in batches of the restorer's batch size under a progress bar named `desc` (which
+    also shows when a new shape compiles). `read(item)` gives (image, extra); an item whose
+    read raises one of `skipped` goes to `on_skip(item, error)` and is left out."""
+    size = restorer.settings.batch_size
+    progress = tqdm(total=len(items), desc=desc, unit="image", dynamic_ncols=True)
+    restorer.status = progress.set_postfix_str
+    try:
+        for start in range(0, len(items), size):
+            chunk = []
+            for item in items[start:start + size]:
+                try:
+                    chunk.append((item, *read(item)))
+                except skipped as e:
+                    on_skip(item, e)
+                    progress.update(1)
+            if not chunk:
+                continue
+            began = time.perf_counter()
+            restored = restorer.restore([image for _, image, _ in chunk])
+            seconds = (time.perf_counter() - began) / len(chunk)
+            for (item, image, extra), result in zip(chunk, restored):
+                yield item, image, extra, result, seconds
+                progress.update(1)
+    finally:
+        progress.close()
 
 
 class Restorer:

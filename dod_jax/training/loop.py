@@ -28,7 +28,8 @@ from tqdm import tqdm
 from dod_jax import parallel
 from dod_jax.data import layouts
 from dod_jax.data.demo import write_demo_set
-from dod_jax.data.pipeline import STAGE1_RATIO, STAGE2_RATIO, TrainBatches, sources_from_pairs
+from dod_jax.data.pipeline import (STAGE1_RATIO, STAGE2_RATIO, TrainBatches, parse_ratio, ratio_text,
+                                   sources_from_pairs)
 from dod_jax.errors import ConfigError
 from dod_jax.dod.build import BaseModels, base_identity, base_models, build_dod, same_base, storage_dtype
 from dod_jax.image_ops import to_uint8
@@ -67,14 +68,7 @@ def task_ratio(config) -> dict[str, int]:
     text = config.data[f"{stage}_ratio"]
     if not text:
         return dict(STAGE1_RATIO if stage == "stage1" else STAGE2_RATIO)
-    try:
-        return {t.strip(): int(n) for t, n in (item.split(":") for item in text.split(","))}
-    except ValueError as e:
-        raise ConfigError(f"data.{stage}_ratio {text!r}: expected 'task:n,task:n'") from e
-
-
-def ratio_text(ratio: dict[str, int]) -> str:
-    return ",".join(f"{t}:{n}" for t, n in ratio.items())
+    return parse_ratio(text, f"data.{stage}_ratio")
 
 
 def fitted_units(units: int, ratio: dict[str, int], processes: int, devices: int, micro_batches: int = 1,

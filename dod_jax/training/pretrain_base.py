@@ -47,7 +47,7 @@ from tqdm import tqdm
 from dod_jax.configs import load_config
 from dod_jax.data import layouts
 from dod_jax.data.demo import TEST_PHOTOS, demo_photos, write_demo_set
-from dod_jax.data.pipeline import TrainBatches, sources_from_pairs
+from dod_jax.data.pipeline import TrainBatches, parse_ratio, sources_from_pairs
 from dod_jax.dod.build import base_networks
 from dod_jax.dod.prompts import save_prompt_embeddings
 from dod_jax.errors import ConfigError, reported
@@ -66,15 +66,8 @@ MANIFEST = "manifest.json"
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "demo_base"
 
 
-def parse_ratio(text: str) -> dict[str, int]:
-    try:
-        return {t.strip(): int(n) for t, n in (item.split(":") for item in text.split(","))}
-    except ValueError as e:
-        raise ConfigError(f"pretrain.ratio {text!r}: expected 'task:n,task:n'") from e
-
-
 def demo_batches(root: Path, recipe, crop: int, units: int) -> TrainBatches:
-    ratio = parse_ratio(recipe.ratio)
+    ratio = parse_ratio(recipe.ratio, "pretrain.ratio")
     pairs = layouts.checked_pairs(root, "aio5", "train", tuple(ratio))
     return TrainBatches(sources_from_pairs(pairs), ratio, crop=crop, units=units, seed=recipe.seed)
 

@@ -28,7 +28,7 @@ from dod_jax import adapters
 from dod_jax.dod.model import DOD, PromptEmbedding, trainable
 from dod_jax.errors import ConfigError
 from dod_jax.losses.dmd import dmd_loss, fake_score_loss
-from dod_jax.losses.ssim import ssim
+from dod_jax.losses.ssim import batch_ssim
 
 FAKE = "fake"  # the fake score's LoRA set on the shared UNet
 
@@ -171,7 +171,7 @@ class Stage:
                                           model.context(b, model.negative_prompt), fake_set=FAKE)
                 loss = loss + w["dmd"] * metrics["dmd"]
         else:
-            metrics["ssim"] = ssim(restored, gt, data_range=2.0).mean()
+            metrics["ssim"] = batch_ssim(restored, gt, data_range=2.0).mean()
             loss = metrics["mse"] + w["ssim"] * (1.0 - metrics["ssim"])
         metrics["loss"] = loss
         return loss, (metrics, jax.lax.stop_gradient((x0, restored)))

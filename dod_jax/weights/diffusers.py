@@ -83,34 +83,25 @@ class TensorEntry:
         return torch_layout_shape(self.layout, self.shape)
 
 
+# Our layout's axes in PyTorch's order, per layout: a linear (in, out) kernel is PyTorch's
+# (out, in), a conv's HWIO is OIHW, a conv1d's (k, in, out) is (out, in, k); vectors are alike.
+TORCH_AXES = {"linear": (1, 0), "conv": (3, 2, 0, 1), "conv1d": (2, 1, 0)}
+
+
 def torch_layout_shape(layout: str, shape: tuple) -> tuple:
     """The PyTorch shape of a parameter of `shape` in our `layout`."""
-    if layout in ("linear", "conv1d"):
-        return tuple(shape[::-1])
-    if layout == "conv":
-        kh, kw, i, o = shape
-        return (o, i, kh, kw)
-    return tuple(shape)
+    axes = TORCH_AXES.get(layout)
+    return tuple(shape) if axes is None else tuple(shape[a] for a in axes)
 
 
 def to_torch_layout(layout: str, array: np.ndarray) -> np.ndarray:
-    if layout == "linear":
-        return array.T
-    if layout == "conv":
-        return array.transpose(3, 2, 0, 1)
-    if layout == "conv1d":
-        return array.transpose(2, 1, 0)
-    return array
+    axes = TORCH_AXES.get(layout)
+    return array if axes is None else array.transpose(axes)
 
 
 def from_torch_layout(layout: str, tensor: np.ndarray) -> np.ndarray:
-    if layout == "linear":
-        return tensor.T
-    if layout == "conv":
-        return tensor.transpose(2, 3, 1, 0)
-    if layout == "conv1d":
-        return tensor.transpose(2, 1, 0)
-    return tensor
+    axes = TORCH_AXES.get(layout)
+    return tensor if axes is None else tensor.transpose(np.argsort(axes))
 
 
 BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.PathContains(ADAPTERS)))
@@ -285,7 +276,7 @@ def fill_parameters(model: nnx.Module, table: list[TensorEntry], names: list[str
         var.set_value(jnp.asarray(convert(entry, source.read(name)), dtype=var.dtype))
 
 
-def load_model(folder: str | os.PathLike, *, variant: str | None = None, dtype=jnp.float32,
+def load_diffusers_model(folder: str | os.PathLike, *, variant: str | None = None, dtype=jnp.float32,
                param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = "auto") -> nnx.Module:
     """Load a diffusers model folder (config.json + weights) into UNet2DCondition or
     AutoencoderKL, chosen by the config's `_class_name`."""
@@ -325,7 +316,7 @@ def torch_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
             for e in param_table(model)}
 
 
-def save_model(model: nnx.Module, folder: str | os.PathLike) -> Path:
+def save_diffusers_model(model: nnx.Module, folder: str | os.PathLike) -> Path:
     """Write config.json and diffusion_pytorch_model.safetensors in diffusers' layout.
     Each file is written to a temporary name and renamed, so a reader never sees half a file."""
     folder = Path(folder)
@@ -355,7 +346,7 @@ def load_pipeline(folder: str | os.PathLike, *, variant: str | None = None, dtyp
     if absent:
         raise WeightsError(f"{folder}: not a diffusers pipeline folder, missing {', '.join(absent)}/")
     kw = dict(variant=variant, dtype=dtype, param_dtype=param_dtype, remat=remat, attention_impl=attention_impl)
-    unet, vae = load_model(folder / "unet", **kw), load_model(folder / "vae", **kw)
+    unet, vae = load_diffusers_model(folder / "unet", **kw), load_diffusers_model(folder / "vae", **kw)
     for name, model, cls in (("unet", unet, UNet2DCondition), ("vae", vae, AutoencoderKL)):
         if not isinstance(model, cls):
             raise WeightsError(f"{folder / name}: holds a {type(model).__name__}, expected {cls.__name__}")
@@ -370,8 +361,8 @@ def load_pipeline(folder: str | os.PathLike, *, variant: str | None = None, dtyp
 def save_pipeline(pipeline: SDPipeline, folder: str | os.PathLike, scheduler_config: dict) -> Path:
     """Write unet/, vae/ and scheduler/ in diffusers' layout."""
     folder = Path(folder)
-    save_model(pipeline.unet, folder / "unet")
-    save_model(pipeline.vae, folder / "vae")
+    save_diffusers_model(pipeline.unet, folder / "unet")
+    save_diffusers_model(pipeline.vae, folder / "vae")
     atomic_write(folder / "scheduler" / "scheduler_config.json",
                   lambda p: Path(p).write_text(json.dumps(scheduler_config, indent=2, sort_keys=True)))
     return folder
