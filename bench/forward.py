@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from dod_jax.configs import load_config  # noqa: E402
 from dod_jax.forward_demo import one_step  # noqa: E402
 from dod_jax.schedule import DDPMSchedule  # noqa: E402
-from dod_jax.weights.diffusers import SDPipeline, load_model  # noqa: E402
+from dod_jax.weights.diffusers import SDPipeline, load_diffusers_model  # noqa: E402
 
 
 def median_seconds(fn, reps: int, warmup: int = 1) -> tuple[float, list[float]]:
@@ -89,7 +89,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         t_unet.save_pretrained(f"{tmp}/unet")
         t_vae.save_pretrained(f"{tmp}/vae")
-        unet, vae = load_model(f"{tmp}/unet"), load_model(f"{tmp}/vae")
+        unet, vae = load_diffusers_model(f"{tmp}/unet"), load_diffusers_model(f"{tmp}/vae")
     schedule = DDPMSchedule.from_config(cfg.scheduler.to_dict())
     forward, state = one_step(SDPipeline(unet, vae, schedule))
     unet_step_fn, unet_state = jax_unet_step(unet)
