@@ -63,7 +63,10 @@ def get_config() -> ConfigDict:
     # LPIPS are stored: 'bfloat16' halves their bytes and each FSDP gather (the authors' code holds
     # them in fp16; here they are rounded once and computed with in train.dtype); the
     # trained parts (LoRA, conv_in copy, M_theta, DEMs, skip convs) and the optimiser stay float32.
-    config.base = ConfigDict({"sd": "", "adm": "", "prompts": "", "random_seed": -1, "dtype": "float32"})
+    # attention: how the UNet, VAE and ADM compute attention (models.layers.dot_product_attention):
+    # 'auto' (query chunks on CPU, jax's default elsewhere), 'chunked', 'xla', 'cudnn' (GPU).
+    config.base = ConfigDict({"sd": "", "adm": "", "prompts": "", "random_seed": -1, "dtype": "float32",
+                              "attention": "auto"})
     config.data = ConfigDict({
         "root": "",                 # a folder in `layout`, or "demo" for the built-in demo set
         "layout": "aio3",           # aio3 | aio5 | cdd11 (dod_jax.data.layouts)

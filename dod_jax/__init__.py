@@ -1,5 +1,13 @@
 """dod-jax: DOD (one-step all-in-one image restoration on Stable Diffusion 2.1-base) in JAX.
 
+Layers, lowest first (tests/test_layering.py holds every import to them): base helpers
+(errors, files, configs, image_ops for image files, schedule, parallel, compilation_cache);
+models (Flax ports, no method logic); adapters (LoRA, CLoRA, injection, merging); weights,
+losses with the metrics that are losses too, data, and checkpoint I/O (dod_jax.checkpoints:
+below both training and restore, so inference never imports the trainer); the methods (DOD:
+dod_jax.dod); training and restore; evaluation (over restore); the commands (the demo, the
+authors'-checkpoint converter). A module imports its own layer and those below it.
+
 Importing the package sets no XLA option: every run gets XLA's defaults.
 
 One experimental XLA:CPU option is an opt-in, `DOD_JAX_CPU_FLAGS=ynn_dot` (before the first

@@ -1,5 +1,7 @@
 """Config files are Python files with `get_config()` returning an ml_collections ConfigDict;
-command lines change single values with `--config.<key>=<value>` (`apply_overrides`)."""
+command lines change single values with `--config.<key>=<value>` (`apply_overrides`). A config
+saved by an earlier version (in a checkpoint or bundle) gets the keys added since by
+`saved_config`, once, where it is read: the code reads every key plainly."""
 
 from __future__ import annotations
 
@@ -55,4 +57,28 @@ def apply_overrides(config: ConfigDict, overrides: list[str]) -> ConfigDict:
             node[leaf] = value
         except (KeyError, TypeError) as e:
             raise ConfigError(f"--config.{key}: the config has no such key, or {value!r} does not fit it ({e})") from e
+    return config
+
+
+# Keys added to the configs after runs were saved with them, each with the value that gives
+# what the code did before the key existed (as big_vision's fix_old_checkpoints does for its
+# checkpoints).
+ADDED_KEYS = {
+    "base.dtype": "float32",          # the frozen base was stored in float32
+    "base.attention": "auto",         # attention as dot_product_attention's default computes it
+    "dod.mfm_resize": "bilinear",     # the MFM's input was resized bilinearly
+    "dod.init": "official",           # M_theta initialised as the authors' code does
+    "train.fake_scope": "all",        # the fake score's LoRA on every target layer
+    "train.clamp_output": True,       # the stage-1 losses on the clamped restoration
+}
+
+
+def saved_config(values: dict) -> ConfigDict:
+    """A config saved as a dict (checkpoint or bundle meta) with the keys added since it was
+    saved filled in (ADDED_KEYS)."""
+    config = ConfigDict(values)
+    for dotted, value in ADDED_KEYS.items():
+        section, key = dotted.split(".")
+        if section in config and key not in config[section]:
+            config[section][key] = value
     return config

@@ -14,17 +14,19 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from conftest import ROOT, micro_config
 from dod_jax.data.demo import write_demo_set
 from dod_jax.dod.build import base_models, build_dod
+from dod_jax.dod.model import ALL_TRAINED, all_trained
 from dod_jax.evaluation.run import main as evaluate_main
 from dod_jax.errors import one_line
 from dod_jax.files import atomic_write
 from dod_jax.restore import cli
 from dod_jax.restore.bundle import save_bundle
-from dod_jax.training.checkpoints import CheckpointError, Checkpoints, load_trained_params
+from dod_jax.checkpoints import CheckpointError, Checkpoints, load_trained_params
 from dod_jax.training.plots import plot_losses
 
 
@@ -135,12 +137,12 @@ def test_a_checkpoint_of_another_config_is_refused_with_the_shapes_that_differ(t
     with both shapes, not orbax's advice on options of its own API."""
     config = micro_config()
     with Checkpoints(tmp_path / "checkpoints") as checkpoints:
-        checkpoints.save(1, {"step": np.zeros((), np.int32)}, build_dod(config, base_models(config), 0), {}, {},
-                         {"loss": 1.0})
+        checkpoints.save(1, {"step": np.zeros((), np.int32)},
+                         nnx.to_pure_dict(all_trained(build_dod(config, base_models(config), 0))), {}, {}, {"loss": 1.0})
         checkpoints.wait()
     config.dod.rank = 4
     with pytest.raises(CheckpointError) as refused:
-        load_trained_params(build_dod(config, base_models(config), 0), tmp_path)
+        load_trained_params(build_dod(config, base_models(config), 0), tmp_path, ALL_TRAINED, ALL_TRAINED)
     message = one_line(refused.value)
     assert message.startswith(f"{tmp_path / 'checkpoints'} step 1: its trained parameters do not fit this model")
     # the first tensor of another shape that orbax meets (a LoRA matrix, M_theta's fuse layer, ...)

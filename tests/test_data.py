@@ -9,7 +9,8 @@ from PIL import Image
 from dod_jax.data import degradations as deg
 from dod_jax.data import layouts
 from dod_jax.data.demo import write_demo_set
-from dod_jax.data.layouts import DataError, checked_pairs, read_rgb, scan
+from dod_jax.data.layouts import DataError, checked_pairs, scan
+from dod_jax.image_ops import read_rgb
 from dod_jax.data.pipeline import STAGE1_RATIO, TrainBatches, crop_flip, parse_ratio, ratio_text, sources_from_pairs
 from dod_jax.errors import ConfigError
 

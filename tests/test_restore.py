@@ -3,6 +3,7 @@ path, restore bundles, and the `restore` command on good and bad files."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -17,11 +18,12 @@ from PIL import Image
 
 from conftest import ROOT
 from dod_jax import compilation_cache
-from dod_jax.configs import load_config
+from dod_jax.configs import ADDED_KEYS, load_config, saved_config
 from dod_jax.data.demo import demo_photos
 from dod_jax.dod.build import base_models, build_dod
 from dod_jax.dod.images import finish, prepare
 from dod_jax.dod.model import all_trained
+from dod_jax.errors import ConfigError
 from dod_jax.restore import cli
 from dod_jax.restore.bundle import BundleError, load_model, save_bundle
 from dod_jax.restore.color import adain, split_frequencies, wavelet
@@ -363,3 +365,44 @@ def test_a_cache_folder_that_cannot_be_made_is_reported_and_left_out(tmp_path, c
     assert compilation_cache.enable(str(tmp_path / "file" / "cache")) is None
     assert jax.config.jax_compilation_cache_dir == before
     assert f"compilation cache {tmp_path / 'file' / 'cache'}: cannot be created" in capsys.readouterr().err
+
+
+def test_a_config_saved_before_a_key_existed_reads_with_that_keys_earlier_behaviour():
+    """A checkpoint's or bundle's config is filled once where it is read (configs.saved_config):
+    each added key gets the value that reproduces what the code did before it existed, and a
+    key the saved config has keeps its value."""
+    current = load_config(ROOT / "configs" / "dod.py").to_dict()
+    old = json.loads(json.dumps(current))
+    for dotted in ADDED_KEYS:
+        section, key = dotted.split(".")
+        assert key in current[section], f"{dotted} is not a key of configs/dod.py"
+        del old[section][key]
+    filled = saved_config(old)
+    for dotted, value in ADDED_KEYS.items():
+        section, key = dotted.split(".")
+        assert filled[section][key] == value
+    assert saved_config(current).to_dict() == current
+
+
+def attention_choices(model) -> set:
+    """How every attention layer of a model computes (SD's Attention and ADM's AttentionBlock)."""
+    return {getattr(node, "implementation", getattr(node, "attention_impl", None)) for _, node in nnx.iter_graph(model)
+            if type(node).__name__ in ("Attention", "AttentionBlock")}
+
+
+def test_attention_is_chosen_by_the_config_and_by_the_restore_flag(micro, tmp_path):
+    config, model = micro
+    bundle = save_bundle(model, config, "stage2", tmp_path / "bundle")
+    assert attention_choices(load_model(bundle).model) == {"auto"}
+    flagged = ["--ckpt", str(bundle), "--output", str(tmp_path / "out"), str(tmp_path)]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output")
+    parser.add_argument("inputs", nargs="+")
+    cli.add_settings_arguments(parser)
+    _, settings, loaded = cli.restorer_from(parser.parse_args(flagged + ["--attention", "xla"]))
+    assert settings["attention"] == "xla" and attention_choices(loaded.model) == {"xla"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(flagged + ["--attention", "fast"])
+    config.base.attention = "fast"
+    with pytest.raises(ConfigError, match="base.attention must be one of"):
+        base_models(config)

@@ -18,7 +18,7 @@ from conftest import micro_config
 from dod_jax import parallel
 from dod_jax.dod.build import base_models
 from dod_jax.dod.model import trainable
-from dod_jax.training import checkpoints as ckpt
+from dod_jax import checkpoints as ckpt
 from dod_jax.data.pipeline import TrainBatches
 from dod_jax.errors import ConfigError
 from dod_jax.training.loop import (compile_step, data_sources, fitted_units, place, run, task_ratio,

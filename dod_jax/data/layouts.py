@@ -18,17 +18,15 @@ haze_snow, low, low_haze, low_haze_rain, low_haze_snow, low_rain, low_snow, rain
 
 `scan` returns every pair or raises DataError listing every problem: a missing folder, an LQ
 without its GT, a GT no LQ uses, an unreadable image, LQ and GT of different sizes. Grey,
-grey+alpha, palette, RGBA and 16-bit images are readable (see read_rgb) and listed as notes.
+grey+alpha, palette, RGBA and 16-bit images are readable (see dod_jax.image_ops.read_rgb) and listed as notes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import re
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dod_jax.errors import InputError
@@ -65,27 +63,6 @@ class ScanReport:
 def images_in(folder: Path, recursive: bool = False) -> list[Path]:
     pattern = "**/*" if recursive else "*"
     return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def read_rgb(file) -> np.ndarray:
-    """(H, W, 3) float32 in [0, 1] from a path, or from (encoded bytes, name) as prepared records
-    hold them. Grey is replicated, alpha dropped, palettes expanded, and 16-bit images scaled by
-    65535; anything else is a DataError naming the file."""
-    source, name = (io.BytesIO(file[0]), file[1]) if isinstance(file, tuple) else (file, file)
-    try:
-        with Image.open(source) as image:
-            image.load()
-            mode = image.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I"):
-                grey = np.asarray(image, np.float32) / 65535.0
-                return np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=-1)
-            if mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"):
-                raise DataError(f"{name}: image mode {mode} is not supported")
-            return np.asarray(image.convert("RGB"), np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
 
 
 _NOTED_MODES = {"L": "grey", "1": "1-bit", "LA": "grey with alpha", "P": "palette", "PA": "palette with alpha",

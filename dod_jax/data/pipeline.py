@@ -23,9 +23,9 @@ import grain
 import numpy as np
 
 from dod_jax.data import degradations as deg
-from dod_jax.data.layouts import DENOISE_SIGMAS, DataError, Pair, read_rgb
+from dod_jax.data.layouts import DENOISE_SIGMAS, DataError, Pair
 from dod_jax.errors import ConfigError
-from dod_jax.image_ops import resize_float
+from dod_jax.image_ops import read_rgb, resize_float
 
 STAGE1_RATIO = {"dehaze": 3, "derain": 2, "denoise": 2}
 STAGE2_RATIO = {"dehaze": 1, "derain": 1, "denoise": 1}

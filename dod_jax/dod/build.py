@@ -18,7 +18,7 @@ from dod_jax.dod.prompts import load_prompt_embeddings
 from dod_jax.errors import ConfigError
 from dod_jax.files import sha256
 from dod_jax.models.adm import ADMConfig, ADMEncoder
-from dod_jax.models.layers import FixedKeyRngs, NumpyRngs
+from dod_jax.models.layers import ATTENTION_IMPLEMENTATIONS, FixedKeyRngs, NumpyRngs
 from dod_jax.models.unet import UNet2DCondition, UNetConfig
 from dod_jax.models.vae import AutoencoderKL, VAEConfig
 from dod_jax.schedule import DDPMSchedule
@@ -41,10 +41,17 @@ def adm_config(config) -> ADMConfig:
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def attention(config) -> str:
+    """base.attention, checked: how the base networks compute attention."""
+    name = config.base.attention
+    if name not in ATTENTION_IMPLEMENTATIONS or name is None:
+        raise ConfigError(f"base.attention must be one of {[n for n in ATTENTION_IMPLEMENTATIONS if n]}, got {name!r}")
+    return name
+
+
 def storage_dtype(config):
-    """base.dtype: the dtype the frozen base networks and LPIPS are stored in (configs/dod.py);
-    float32 for runs saved before the setting existed."""
-    name = config.base.get("dtype", "float32")
+    """base.dtype: the dtype the frozen base networks and LPIPS are stored in (configs/dod.py)."""
+    name = config.base.dtype
     if name not in DTYPES:
         raise ConfigError(f"base.dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
@@ -53,8 +60,8 @@ def storage_dtype(config):
 def base_networks(config, rngs, dtype, remat: bool | str = False, *,
                   param_dtype=jnp.float32) -> tuple[UNet2DCondition, AutoencoderKL, ADMEncoder]:
     """The SD UNet, VAE and ADM encoder of `config`, initialised from `rngs`, computing in
-    `dtype` with weights stored in `param_dtype`."""
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    `dtype` (attention as base.attention) with weights stored in `param_dtype`."""
+    kw = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention(config), rngs=rngs)
     return (UNet2DCondition(UNetConfig.from_diffusers(config.unet.to_dict()), remat=remat, **kw),
             AutoencoderKL(VAEConfig.from_diffusers(config.vae.to_dict()), remat=remat, **kw),
             ADMEncoder(adm_config(config), **kw))
@@ -75,9 +82,10 @@ def random_base(config, seed: int = 0, *, dtype=jnp.float32, param_dtype=jnp.flo
 
 
 def load_base(sd_folder: str | os.PathLike, adm_file: str | os.PathLike, prompts_file: str | os.PathLike,
-              *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool | str = False) -> BaseModels:
-    sd = load_pipeline(sd_folder, dtype=dtype, param_dtype=param_dtype, remat=remat)
-    return BaseModels(sd, load_adm(adm_file, dtype=dtype, param_dtype=param_dtype),
+              *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool | str = False,
+              attention_impl: str = "auto") -> BaseModels:
+    sd = load_pipeline(sd_folder, dtype=dtype, param_dtype=param_dtype, remat=remat, attention_impl=attention_impl)
+    return BaseModels(sd, load_adm(adm_file, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl),
                       load_prompt_embeddings(prompts_file, sd.unet.config.cross_attention_dim))
 
 
@@ -99,7 +107,7 @@ def base_models(config, *, dtype: str | None = None) -> BaseModels:
               if not Path(config.base[k]).exists()]
     if absent:
         raise WeightsError("base weights not found: " + "; ".join(absent))
-    return load_base(config.base.sd, config.base.adm, config.base.prompts, **kw)
+    return load_base(config.base.sd, config.base.adm, config.base.prompts, attention_impl=attention(config), **kw)
 
 
 def base_identity(config, root: Path | None = None) -> dict:

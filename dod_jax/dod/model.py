@@ -57,7 +57,7 @@ class DOD(nnx.Module):
         self.prompt_embedding = PromptEmbedding(jnp.asarray(prompt_embedding, jnp.float32))
         if cfg.latent not in LATENTS:
             raise ConfigError(f"dod.latent must be one of {LATENTS}, got {cfg.latent!r}")
-        mfm_resize = cfg.get("mfm_resize", "bilinear")  # configs saved before the switch resized bilinearly
+        mfm_resize = cfg.mfm_resize
         if mfm_resize not in MFM_RESIZES:
             raise ConfigError(f"dod.mfm_resize must be one of {MFM_RESIZES}, got {mfm_resize!r}")
         self.timestep, self.sample_latent = cfg.timestep, cfg.latent == "sample"
@@ -81,7 +81,7 @@ class DOD(nnx.Module):
         self.vae_adapted = tuple(adapters.inject(vae, adapters.AdapterSpec(
             GENERATOR, tuple(cfg.vae_targets), scope="encoder.", film_key=vae_key, **spec), rngs))
         self.conditional = cfg.clora
-        init = cfg.get("init", "official")
+        init = cfg.init
         self.modulator = (Modulator(num_prompts, cfg.rank, feature_dim=adm.config.out_channels, init=init,
                                     rngs=rngs, **cfg.modulator) if cfg.clora else None)
         boc = list(vae.config.block_out_channels)
@@ -213,9 +213,12 @@ def trainable(stage: str):
     return nnx.All(nnx.Param, nnx.Any(*STAGE_GROUPS[stage].values()))
 
 
+ALL_TRAINED = nnx.Any(*(trainable(s) for s in STAGE_GROUPS))  # what checkpoints and restore bundles hold
+
+
 def all_trained(model: DOD) -> nnx.State:
-    """Every parameter some stage trains: what checkpoints and restore bundles hold."""
-    return nnx.state(model, nnx.Any(*(trainable(s) for s in STAGE_GROUPS)))
+    """Every parameter some stage trains (ALL_TRAINED)."""
+    return nnx.state(model, ALL_TRAINED)
 
 
 def parameter_counts(model: DOD) -> dict[str, int]:

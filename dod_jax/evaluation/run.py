@@ -38,10 +38,10 @@ import numpy as np
 from dod_jax import compilation_cache
 from dod_jax.data import degradations as deg
 from dod_jax.data import layouts
-from dod_jax.evaluation import metrics
+from dod_jax.losses import metrics
 from dod_jax.errors import InputError, reported
 from dod_jax.evaluation.iqa import LOWER_IS_BETTER, PER_IMAGE, PER_SET, PyiqaMetrics
-from dod_jax.image_ops import to_uint8
+from dod_jax.image_ops import ImageReadError, read_rgb, to_uint8, write_image
 from dod_jax.losses.lpips import load_lpips
 from dod_jax.restore import cli
 from dod_jax.restore.engine import Restorer, restored_in_batches
@@ -109,10 +109,10 @@ def first_per_column(items: list[Item], limit: int | None) -> list[Item]:
 def _read(item: Item) -> tuple[np.ndarray, np.ndarray | None]:
     """(LQ, GT or None) as float [0, 1] RGB; denoising noise is seeded by sigma and file name,
     so an image gets the same noise whatever else is evaluated."""
-    gt = layouts.read_rgb(item.gt) if item.gt is not None else None
+    gt = read_rgb(item.gt) if item.gt is not None else None
     if item.lq is None:
         return deg.gaussian_noise(gt, item.sigma, seed=[int(item.sigma), zlib.crc32(item.name.encode())]), gt
-    return layouts.read_rgb(item.lq), gt
+    return read_rgb(item.lq), gt
 
 
 class Scorer:
@@ -144,11 +144,11 @@ def evaluate(restorer: Restorer, items: list[Item], out: Path, scorer: Scorer, p
     rows, problems = [], list(problems)
     skip = lambda item, error: problems.append(str(error))
     for item, lq, gt, restored, _ in restored_in_batches(restorer, items, _read, desc="evaluate",
-                                                        skipped=(layouts.DataError,), on_skip=skip):
+                                                        skipped=(ImageReadError,), on_skip=skip):
         images = {"lq": _quantised(lq), "dod": _quantised(restored)}
-        cli.write_image(images["dod"], out / "restored" / item.task / f"{item.name}.png")
+        write_image(images["dod"], out / "restored" / item.task / f"{item.name}.png")
         sheet = [images["lq"], images["dod"]] + ([_quantised(gt)] if gt is not None else [])
-        cli.write_image(np.concatenate(sheet, axis=1), out / "sheets" / item.task / f"{item.name}.png")
+        write_image(np.concatenate(sheet, axis=1), out / "sheets" / item.task / f"{item.name}.png")
         row = {"task": item.task, "image": item.name, "lq_file": str(item.lq) if item.lq else None,
                "gt_file": str(item.gt) if item.gt else None, "sigma": item.sigma}
         for method, image in images.items():
@@ -156,8 +156,8 @@ def evaluate(restorer: Restorer, items: list[Item], out: Path, scorer: Scorer, p
         rows.append(row)
         if gt is not None and scorer.pyiqa.metrics.keys() & set(PER_SET):
             for method, image in images.items():
-                cli.write_image(image, out / "sets" / method / item.task / f"{item.name}.png")
-            cli.write_image(_quantised(gt), out / "sets" / "gt" / item.task / f"{item.name}.png")
+                write_image(image, out / "sets" / method / item.task / f"{item.name}.png")
+            write_image(_quantised(gt), out / "sets" / "gt" / item.task / f"{item.name}.png")
     tasks = aggregate(rows)
     for name in PER_SET:
         for task in list(tasks):

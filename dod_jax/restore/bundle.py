@@ -27,8 +27,10 @@ from flax import nnx, traverse_util
 from ml_collections import ConfigDict
 from safetensors.numpy import load_file, save_file
 
+from dod_jax.checkpoints import CheckpointError, load_trained_params, locate
+from dod_jax.configs import saved_config
 from dod_jax.dod.build import BASE_FILES, base_identity, base_models, build_dod
-from dod_jax.dod.model import DOD, all_trained
+from dod_jax.dod.model import ALL_TRAINED, DOD, all_trained
 from dod_jax.errors import InputError
 from dod_jax.files import atomic_folder
 
@@ -84,7 +86,7 @@ def load_model(path: str | os.PathLike, *, dtype: str = "auto", base: dict[str, 
     """DOD with trained parameters from `path`: a bundle folder, a training run's workdir, its
     checkpoints folder, or one step's folder. `dtype`: float32, bfloat16, or auto (bfloat16 on
     accelerators, float32 on CPU). `base`: {'sd'|'adm'|'prompts': path} overriding where the
-    base weights are. `dod`: entries of the config's dod section to run the model with
+    base weights are, and {'attention': name} how they compute attention (base.attention). `dod`: entries of the config's dod section to run the model with
     instead (how it restores, e.g. a preset's MFM input; not what the weights are)."""
     path = Path(path).resolve()
     if not path.exists():
@@ -93,7 +95,7 @@ def load_model(path: str | os.PathLike, *, dtype: str = "auto", base: dict[str, 
         meta = _read_bundle_meta(path)
     else:
         meta = _checkpoint_meta(path)
-    config = ConfigDict(meta["config"])
+    config = saved_config(meta["config"])
     if (path / BUNDLE_FILE).is_file():  # base files the bundle holds are named relative to it
         for key in BASE_FILES:
             if config.base[key] and not Path(config.base[key]).is_absolute():
@@ -109,8 +111,7 @@ def load_model(path: str | os.PathLike, *, dtype: str = "auto", base: dict[str, 
     if (path / BUNDLE_FILE).is_file():
         _fill_from_bundle(model, path / PARAMS_FILE)
     else:
-        from dod_jax.training.checkpoints import load_trained_params
-        load_trained_params(model, path, stages=("stage1", "stage2"))
+        load_trained_params(model, path, ALL_TRAINED, ALL_TRAINED)
     return Loaded(model, config, meta["stage"], str(path))
 
 
@@ -125,7 +126,6 @@ def _read_bundle_meta(path: Path) -> dict:
 
 
 def _checkpoint_meta(path: Path) -> dict:
-    from dod_jax.training.checkpoints import CheckpointError, locate
     try:
         checkpoints, step = locate(path)
         with checkpoints:

@@ -19,50 +19,19 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from dod_jax import compilation_cache
 from dod_jax.data.layouts import IMAGE_SUFFIXES
 from dod_jax.errors import InputError, reported
-from dod_jax.files import atomic_write
+from dod_jax.image_ops import READ_FAILURES, ImageReadError, read_image, write_image
 from dod_jax.restore.bundle import Loaded, load_model
 from dod_jax.restore.color import COLOR_FIXES
 from dod_jax.dod.images import FITS
 from dod_jax.restore.engine import PRESETS, TILINGS, Restorer, RestoreSettings, restored_in_batches
 
 LOG_FILE = "restore_log.json"
-
-
-class ImageReadError(InputError):
-    """An input that is not a readable image; the message names the file."""
-
-
-def read_image(path: Path) -> np.ndarray:
-    """An image as stored (EXIF orientation applied): uint8 grey, RGB or RGBA, or uint16 grey."""
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            image.load()
-            if image.mode in ("I;16", "I;16B", "I;16L"):
-                return np.asarray(image).astype(np.uint16)
-            if image.mode in ("L", "RGB", "RGBA"):
-                return np.asarray(image)
-            has_alpha = "A" in image.mode or "transparency" in image.info
-            return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-
-
-def write_image(image: np.ndarray, path: Path) -> Path:
-    """Write atomically; an image with alpha goes to PNG when the suffix cannot hold alpha."""
-    if image.ndim == 3 and image.shape[-1] == 4 and path.suffix.lower() in (".jpg", ".jpeg", ".bmp"):
-        path = path.with_suffix(".png")
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    options = {"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}
-    return atomic_write(path, lambda temporary: Image.fromarray(image).save(temporary, **options))
 
 
 def input_files(inputs: list[Path]) -> list[tuple[Path, Path]]:
@@ -89,7 +58,7 @@ def _size_key(path: Path):
     try:
         with Image.open(path) as image:
             return (0, image.size)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except READ_FAILURES:
         return (1, (0, 0))
 
 
@@ -121,6 +90,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--sd", help="the SD 2.1-base folder, if not where the checkpoint says")
     parser.add_argument("--adm", help="the converted ADM file, if not where the checkpoint says")
     parser.add_argument("--prompts", help="the prompt-embeddings file, if not where the checkpoint says")
+    parser.add_argument("--attention", choices=("auto", "chunked", "xla", "cudnn"),
+                        help="how attention is computed (default: the checkpoint config's base.attention, 'auto': "
+                             "query chunks on CPU, jax's default elsewhere; 'cudnn' needs a GPU)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     model_default = "default: the checkpoint config's restore.{0}, else {1}"
     parser.add_argument("--bucket", type=int, help="pad sides to multiples of this; " + model_default.format(
@@ -158,13 +130,15 @@ def settings_from(args, config) -> RestoreSettings:
 def restorer_from(args) -> tuple[Restorer, dict, Loaded]:
     """The Restorer the arguments describe, a record of its settings for logs, and the loaded
     model with its config."""
-    loaded = load_model(args.ckpt, dtype=args.dtype, base={"sd": args.sd, "adm": args.adm, "prompts": args.prompts},
+    loaded = load_model(args.ckpt, dtype=args.dtype,
+                        base={"sd": args.sd, "adm": args.adm, "prompts": args.prompts, "attention": args.attention},
                         dod=PRESETS[args.preset]["dod"] if args.preset else None)
     restorer = Restorer(loaded.model, settings_from(args, loaded.config), use_hde=loaded.use_hde)
     dod = loaded.config.dod
     settings = {"ckpt": loaded.source, "stage": loaded.stage, "dtype": jnp.dtype(loaded.model.unet.dtype).name,
                 "device": str(jax.devices()[0]), "preset": args.preset, **vars(restorer.settings),
-                "latent": dod.latent, "mfm_size": dod.mfm_size, "mfm_resize": loaded.model.mfm_resize}
+                "latent": dod.latent, "mfm_size": dod.mfm_size, "mfm_resize": loaded.model.mfm_resize,
+                "attention": loaded.config.base.attention}
     return restorer, settings, loaded
 
 

@@ -3,7 +3,7 @@ checkpoints that resume exactly, progress, logs, TensorBoard scalars and sample 
 
     run(config, workdir)      (train.py is the command line around it)
 
-workdir/ receives checkpoints/ (dod_jax.training.checkpoints), log.jsonl (one line per logged
+workdir/ receives checkpoints/ (dod_jax.checkpoints), log.jsonl (one line per logged
 step), losses.png (its curves), tensorboard/, samples/step_XXXXXXX.png (LQ | restored | GT rows)
 and config.json. Running again with the same workdir continues from the latest checkpoint:
 same parameters, optimiser states, random keys and data position, so the continued run equals
@@ -22,9 +22,11 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
+from dod_jax import checkpoints as ckpt
 from dod_jax import parallel
 from dod_jax.data import layouts
 from dod_jax.data.demo import write_demo_set
@@ -32,10 +34,10 @@ from dod_jax.data.pipeline import (STAGE1_RATIO, STAGE2_RATIO, TrainBatches, par
                                    sources_from_pairs)
 from dod_jax.errors import ConfigError
 from dod_jax.dod.build import BaseModels, base_identity, base_models, build_dod, same_base, storage_dtype
+from dod_jax.dod.model import ALL_TRAINED, all_trained, trainable
 from dod_jax.image_ops import to_uint8
 from dod_jax.losses.lpips import load_lpips
 from dod_jax.models.layers import NumpyRngs
-from dod_jax.training import checkpoints as ckpt
 from dod_jax.training.plots import plot_losses, read_log
 from dod_jax.training.steps import Frozen, Stage, TrainState, add_fake_score
 
@@ -51,13 +53,13 @@ def training_model(config, base: BaseModels, *, load_stage1: bool = True):
                               "real score needs (python -m dod_jax.dod.prompts writes both)")
         add_fake_score(model, base.prompt_embeddings["negative_prompt"], rank=config.train.fake_rank,
                        targets=config.dod.unet_targets, rngs=NumpyRngs(config.train.seed + 2),
-                       scope=config.train.get("fake_scope", "all"))  # runs saved before the switch: all
+                       scope=config.train.fake_scope)
     elif stage == "stage2":
         if not load_stage1:
             return model
         if not config.train.init_from:
             raise ConfigError("stage 2 starts from a stage-1 run: set train.init_from to its checkpoints directory")
-        ckpt.load_trained_params(model, config.train.init_from, stages=("stage1",))
+        ckpt.load_trained_params(model, config.train.init_from, trainable("stage1"), ALL_TRAINED)
     else:
         raise ConfigError(f"train.stage must be 'stage1' or 'stage2', got {stage!r}")
     return model
@@ -249,7 +251,8 @@ def run(config, workdir, *, stop_at: int | None = None) -> dict:
 
 def save(checkpoints, step, state, stage: Stage, frozen, iterator, meta, metrics):
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    checkpoints.save(step, state, stage.merge(state, frozen), iterator.get_state(), meta, values)
+    checkpoints.save(step, state, nnx.to_pure_dict(all_trained(stage.merge(state, frozen))), iterator.get_state(), meta,
+                     values)
 
 
 class StopSignal:

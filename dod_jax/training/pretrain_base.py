@@ -51,7 +51,7 @@ from dod_jax.data.pipeline import TrainBatches, parse_ratio, sources_from_pairs
 from dod_jax.dod.build import base_networks
 from dod_jax.dod.prompts import save_prompt_embeddings
 from dod_jax.errors import ConfigError, reported
-from dod_jax.evaluation.metrics import psnr
+from dod_jax.losses.metrics import psnr
 from dod_jax.files import atomic_folder, atomic_write, sha256
 from dod_jax.machine import cpu_model
 from dod_jax.image_ops import to_uint8

@@ -131,7 +131,7 @@ class Stage:
         gen_tx = optimizer(schedule(train_cfg.lr), train_cfg.weight_decay, train_cfg.clip, *train_cfg.betas)
         fake_tx = optimizer(schedule(train_cfg.fake_lr), train_cfg.weight_decay, train_cfg.fake_clip, *train_cfg.betas)
         self = cls(stage, graphdef, lpips_graphdef, weights, gen_tx, fake_tx, train_cfg.micro_batches,
-                   train_cfg.fake_updates if stage1 else 0, train_cfg.get("clamp_output", True))
+                   train_cfg.fake_updates if stage1 else 0, train_cfg.clamp_output)
         state = TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=gen_tx.init(params),
             fake_params=fake_params, fake_opt_state=fake_tx.init(fake_params) if stage1 else (),

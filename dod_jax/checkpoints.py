@@ -1,14 +1,18 @@
 """Training checkpoints (orbax CheckpointManager), one directory per saved step:
 
     state/   the whole TrainState: trained parameters, optimiser states, step, key, skip counters
-    params/  every DOD parameter either stage trains (stage 1's, plus stage 2's once it runs), as a
-             plain nested dict: what stage 2 starts from and what evaluation loads
+    params/  every parameter the method trains in any stage (stage 1's, plus stage 2's once it
+             runs), as a plain nested dict: what a later stage starts from and what evaluation
+             and restore bundles load
     data/    the input iterator's position (JSON)
     meta/    stage, the config (JSON), the identity of the frozen base weights, the step's metrics
 
 Orbax writes each step into a temporary directory and renames it when complete, so an
 interrupted save leaves no half checkpoint; saves run in the background. The latest `keep`
 steps are kept, plus the step with the lowest logged loss.
+
+Checkpoint I/O sits below both training and restore and knows no method: which parameters are
+trained, and which of them a load wants, come from the caller as NNX filters.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
-from dod_jax.dod.model import all_trained, trainable
 from dod_jax.errors import InputError
 
 ITEMS = ("state", "params", "data", "meta")
@@ -50,8 +53,8 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, model, data_state: dict, meta: dict, metrics: dict[str, float]):
-        params = nnx.to_pure_dict(all_trained(model))
+    def save(self, step: int, state, params: dict, data_state: dict, meta: dict, metrics: dict[str, float]):
+        """`params`: the trained parameters as a plain nested dict (nnx.to_pure_dict)."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), params=ocp.args.StandardSave(params),
             data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(dict(meta, step=step, metrics=metrics)))
@@ -98,12 +101,13 @@ def locate(path: str | os.PathLike) -> tuple[Checkpoints, int]:
     return checkpoints, step
 
 
-def load_trained_params(model, path: str | os.PathLike, stages=("stage1",)) -> dict:
-    """Put the parameters of `stages` from a checkpoint into `model`; `path` as `locate` takes
-    it. Returns its meta."""
+def load_trained_params(model, path: str | os.PathLike, wanted, saved) -> dict:
+    """Put the parameters of `model` that the NNX filter `wanted` selects from a checkpoint into
+    it; `saved` selects every parameter the checkpoint holds (its params/ item); `path` as
+    `locate` takes it. Returns its meta."""
     checkpoints, step = locate(path)
-    wanted = nnx.state(model, nnx.Any(*(trainable(s) for s in stages)))
-    target = nnx.to_pure_dict(all_trained(model))
+    wanted = nnx.state(model, wanted)
+    target = nnx.to_pure_dict(nnx.state(model, saved))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
     with checkpoints:
         try:
