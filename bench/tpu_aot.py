@@ -1,5 +1,5 @@
-"""The training steps at the full SD 2.1-base + ADM-256 config compiled for TPU slices on this
-CPU host (dod_jax.training.plan, through libtpu: the tpu-aot extra): per chip the peak bytes,
+"""The training steps at the full SD 2.1-base + ADM-256 config (or --config's) compiled for TPU
+slices (or cpu:N) on this CPU host (dod_jax.training.plan, through libtpu: the tpu-aot extra): per chip the peak bytes,
 whether it fits, FLOPs, collectives, for each slice x layout x stage x crop asked for.
 
     JAX_PLATFORMS=cpu python bench/tpu_aot.py [--topologies v5e:2x4 v5e:4x4] [--crops 256 512]
@@ -61,7 +61,7 @@ def main():
                 result = plan_step(config, topology, args.per_chip_batch, devices,
                                    status=lambda s: print(s, flush=True))
                 print(result.line(), f"(compiled in {result.compile_s:.0f} s)", flush=True)
-                row = {"layout": layout, **dataclasses.asdict(result)}
+                row = {"layout": layout, "config": Path(args.config).name, **dataclasses.asdict(result)}
                 rows = [r for r in rows if key(r) != key(row)] + [row]
                 args.out.write_text(json.dumps({"what": __doc__.split("\n\n")[0].replace("\n", " "),
                                                 "host_cpu": cpu_model(), "runs": rows}, indent=2))
