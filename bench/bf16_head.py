@@ -1,5 +1,5 @@
 """What the float32 output head buys under a bfloat16 UNet, at the SD 2.1-base config: the one-step
-path DOD uses (VAE encode, one UNet step at t = 999, x0, VAE decode; dod_jax.forward_demo) on a
+path DOD uses (VAE encode, one UNet step at t = 999, x0, VAE decode; tests/sd_one_step.py) on a
 test card, with random weights (PyTorch-style fan-in init), the VAE in float32 throughout, the
 UNet computing in float32 (the truth), in bfloat16 with its head (conv_norm_out, conv_out) and
 eps in float32 (dod-jax's default), and in bfloat16 throughout. The same float32 weights in all
@@ -23,13 +23,13 @@ import numpy as np
 from flax import nnx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from dod_jax.configs import load_config  # noqa: E402
-from dod_jax.forward_demo import test_image  # noqa: E402
 from dod_jax.machine import cpu_model  # noqa: E402
 from dod_jax.models.layers import FixedKeyRngs, NumpyRngs  # noqa: E402
 from dod_jax.models.unet import UNet2DCondition, UNetConfig  # noqa: E402
+from sd_one_step import colour_card  # noqa: E402
 from dod_jax.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 from dod_jax.schedule import DDPMSchedule  # noqa: E402
 
@@ -47,7 +47,7 @@ def main():
     vae = AutoencoderKL(VAEConfig.from_diffusers(config.vae.to_dict()), rngs=NumpyRngs(2))
     weights = nnx.state(UNet2DCondition(unet_config, rngs=NumpyRngs(1)))
     schedule = DDPMSchedule.from_config(config.scheduler.to_dict())
-    image = jnp.asarray(test_image(args.size)[None])
+    image = jnp.asarray(colour_card(args.size)[None])
     context = jnp.asarray(np.random.default_rng(0).standard_normal((1, 77, unet_config.cross_attention_dim)),
                           jnp.float32)
     z = jax.jit(lambda v, x: v.encode(x).mode() * v.config.scaling_factor)(vae, image)

@@ -25,12 +25,12 @@ import numpy as np
 from flax import nnx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from dod_jax.configs import load_config  # noqa: E402
-from dod_jax.forward_demo import one_step  # noqa: E402
 from dod_jax.schedule import DDPMSchedule  # noqa: E402
 from dod_jax.weights.diffusers import SDPipeline, load_diffusers_model  # noqa: E402
+from sd_one_step import one_step  # noqa: E402
 
 
 def median_seconds(fn, reps: int, warmup: int = 1) -> tuple[float, list[float]]:

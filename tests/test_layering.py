@@ -19,7 +19,7 @@ LAYERS = [
     ("methods", ["dod_jax.dod"]),
     ("training, restore", ["dod_jax.training", "dod_jax.restore"]),
     ("evaluation", ["dod_jax.evaluation"]),
-    ("commands", ["dod_jax.demo", "dod_jax.weights.official", "dod_jax.forward_demo"]),
+    ("commands", ["dod_jax.demo", "dod_jax.weights.official"]),
 ]
 # Within a layer: inference never imports the trainer.
 APART = [("dod_jax.restore", "dod_jax.training")]
