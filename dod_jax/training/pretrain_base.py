@@ -95,11 +95,22 @@ def side_by_side(crops: jax.Array, width: int = 128) -> jax.Array:
     return crops.reshape(n // k, k, h, w, c).swapaxes(1, 2).reshape(n // k, h, k * w, c)
 
 
-@functools.partial(nnx.jit, static_argnames="weights")
 def vae_step(vae, optimizer, lpips, images, key, weights: tuple[tuple[str, float], ...]):
     """One AdamW step on the weighted sum of the terms named in `weights` (l1, mse, lpips, kl;
     `vae_terms` leaves out those weighted 0, so an L1/MSE-only step skips VGG's passes, half
-    a step); `lpips` is the LPIPS network, used when `weights` names it."""
+    a step); `lpips` is the LPIPS network, used when `weights` names it. Updates `vae` and
+    `optimizer`; returns the terms and the loss."""
+    (graphdef, state), (lpips_graphdef, lpips_state) = nnx.split((vae, optimizer)), nnx.split(lpips)
+    state, terms = _vae_update(graphdef, lpips_graphdef, weights, state, lpips_state, images, key)
+    nnx.update((vae, optimizer), state)
+    return terms
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _vae_update(graphdef, lpips_graphdef, weights, state, lpips_state, images, key):
+    vae, optimizer = nnx.merge(graphdef, state)
+    lpips = nnx.merge(lpips_graphdef, lpips_state)
+
     def loss_fn(vae):
         posterior = vae.encode(images)
         restored = vae.decode(posterior.sample(key)).astype(jnp.float32)
@@ -112,7 +123,7 @@ def vae_step(vae, optimizer, lpips, images, key, weights: tuple[tuple[str, float
 
     (loss, terms), grads = nnx.value_and_grad(loss_fn, has_aux=True)(vae)
     optimizer.update(vae, grads)
-    return dict(terms, loss=loss)
+    return nnx.state((vae, optimizer)), dict(terms, loss=loss)
 
 
 def vae_terms(recipe) -> tuple[tuple[str, float], ...]:
@@ -120,8 +131,20 @@ def vae_terms(recipe) -> tuple[tuple[str, float], ...]:
     return tuple((name, float(recipe[name])) for name in ("l1", "mse", "lpips", "kl") if recipe[name])
 
 
-@nnx.jit
 def unet_step(unet, optimizer, vae, schedule, images, context, key, scaling_factor):
+    """One AdamW step of the UNet's epsilon loss on the VAE's latents of `images`; updates
+    `unet` and `optimizer`, returns the loss."""
+    (graphdef, state), (vae_graphdef, vae_state) = nnx.split((unet, optimizer)), nnx.split(vae)
+    state, metrics = _unet_update(graphdef, vae_graphdef, schedule, state, vae_state, images, context, key,
+                                  scaling_factor)
+    nnx.update((unet, optimizer), state)
+    return metrics
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _unet_update(graphdef, vae_graphdef, schedule, state, vae_state, images, context, key, scaling_factor):
+    unet, optimizer = nnx.merge(graphdef, state)
+    vae = nnx.merge(vae_graphdef, vae_state)
     k_latent, k_t, k_noise = jax.random.split(key, 3)
     z = jax.lax.stop_gradient(vae.encode(images).sample(k_latent)) * scaling_factor
     t = jax.random.randint(k_t, (z.shape[0],), 0, schedule.num_train_timesteps)
@@ -133,16 +156,27 @@ def unet_step(unet, optimizer, vae, schedule, images, context, key, scaling_fact
 
     loss, grads = nnx.value_and_grad(loss_fn)(unet)
     optimizer.update(unet, grads)
-    return {"loss": loss}
+    return nnx.state((unet, optimizer)), {"loss": loss}
 
 
-@nnx.jit
 def _posterior_samples(vae, images, key):
-    return vae.encode(images).sample(key)
+    graphdef, state = nnx.split(vae)
+    return _posterior_samples_of(graphdef, state, images, key)
 
 
-@nnx.jit
+@functools.partial(jax.jit, static_argnums=0)
+def _posterior_samples_of(graphdef, state, images, key):
+    return nnx.merge(graphdef, state).encode(images).sample(key)
+
+
 def _reconstruct(vae, images):
+    graphdef, state = nnx.split(vae)
+    return _reconstruction_of(graphdef, state, images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _reconstruction_of(graphdef, state, images):
+    vae = nnx.merge(graphdef, state)
     return vae.decode(vae.encode(images).mode()).astype(jnp.float32)
 
 
