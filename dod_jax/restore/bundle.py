@@ -49,6 +49,7 @@ class Loaded:
     config: ConfigDict
     stage: str           # the stage that produced the parameters: stage1 restores without DEMs
     source: str
+    prompts: dict        # the base's prompt embeddings ('prompt', 'negative_prompt'), as loaded
 
     @property
     def use_hde(self) -> bool:
@@ -107,12 +108,13 @@ def load_model(path: str | os.PathLike, *, dtype: str = "auto", base: dict[str, 
     config.dod.update(dod or {})
     if dtype == "auto":
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    model = build_dod(config, base_models(config, dtype=dtype), config.train.seed)
+    base = base_models(config, dtype=dtype)
+    model = build_dod(config, base, config.train.seed)
     if (path / BUNDLE_FILE).is_file():
         _fill_from_bundle(model, path / PARAMS_FILE)
     else:
         load_trained_params(model, path, ALL_TRAINED, ALL_TRAINED)
-    return Loaded(model, config, meta["stage"], str(path))
+    return Loaded(model, config, meta["stage"], str(path), base.prompt_embeddings)
 
 
 def _read_bundle_meta(path: Path) -> dict:

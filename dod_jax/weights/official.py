@@ -49,7 +49,7 @@ import numpy as np
 from dod_jax.configs import load_config
 from dod_jax.dod import official
 from dod_jax.dod.build import BaseModels, adm_config, build_dod
-from dod_jax.dod.prompts import load_prompt_embeddings, save_prompt_embeddings
+from dod_jax.dod.prompts import save_prompt_embeddings
 from dod_jax.errors import ConfigError, reported
 from dod_jax.files import atomic_folder, sha256
 from dod_jax.restore.bundle import load_model, save_bundle
@@ -162,7 +162,7 @@ def export_official(ckpt: Path, out: Path) -> Path:
         return torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value
 
     embeddings = {"prompt_embeds.pt": np.asarray(loaded.model.prompt_embedding[...])[None]}
-    negative = _negative_prompt(loaded.config)
+    negative = None if loaded.config.base.random_seed >= 0 else loaded.prompts.get("negative_prompt")
     if negative is not None:
         embeddings["neg_prompt_embeds.pt"] = negative[None]
 
@@ -174,12 +174,6 @@ def export_official(ckpt: Path, out: Path) -> Path:
 
     atomic_folder(out, fill)
     return out
-
-
-def _negative_prompt(config) -> np.ndarray | None:
-    if config.base.random_seed >= 0 or not config.base.prompts:
-        return None
-    return load_prompt_embeddings(config.base.prompts).get("negative_prompt")
 
 
 def main(argv=None) -> int:
