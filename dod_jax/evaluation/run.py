@@ -16,7 +16,7 @@ per image. Written to --out:
     restored/<task>/*.png   the restorations (8-bit; the metrics are computed on these)
     sheets/<task>/*.png     LQ | restored | GT
 
-PSNR and SSIM (dod_jax.evaluation.metrics) are computed in the colour space of --color (the
+PSNR and SSIM (dod_jax.losses.metrics) are computed in the colour space of --color (the
 other one is in results.json too) after cutting --crop-border pixels. LPIPS-VGG is this
 package's; LPIPS (AlexNet), DISTS, FID, CLIPIQA, NIQE, MUSIQ and MANIQA come from pyiqa when
 their weights are cached (dod_jax.evaluation.iqa). Files that cannot be read are reported and
