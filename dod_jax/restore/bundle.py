@@ -97,10 +97,10 @@ def load_model(path: str | os.PathLike, *, dtype: str = "auto", base: dict[str, 
     else:
         meta = _checkpoint_meta(path)
     config = saved_config(meta["config"])
-    if (path / BUNDLE_FILE).is_file():  # base files the bundle holds are named relative to it
+    if (path / BUNDLE_FILE).is_file():
         for key in BASE_FILES:
-            if config.base[key] and not Path(config.base[key]).is_absolute():
-                config.base[key] = str(path / config.base[key])
+            if config.base[key]:
+                config.base[key] = str(_in_bundle(config.base[key], path))
     for key, value in (base or {}).items():
         if value:
             config.base[key] = str(value)
@@ -136,6 +136,12 @@ def _checkpoint_meta(path: Path) -> dict:
         raise BundleError(f"{e} (and {path} is no restore bundle: it has no {BUNDLE_FILE})") from e
 
 
+def _in_bundle(path: str | os.PathLike, bundle: Path) -> Path:
+    """A path a bundle records: relative ones name files the bundle holds."""
+    path = Path(path)
+    return path if path.is_absolute() else bundle / path
+
+
 def _check_base(config, recorded: dict, source: Path):
     """Every base weights file the parameters were trained on is where the config says, with
     the recorded size (a full sha256 check is `dod_jax.dod.build.file_identity`)."""
@@ -147,11 +153,8 @@ def _check_base(config, recorded: dict, source: Path):
         if not config.base[key] or not where.exists():
             problems.append(f"{what} (base.{key}) is missing: looked for {where or 'no path'}")
             continue
-        files = recorded.get(key, {}).get("files", [])
-        root = Path(recorded.get(key, {}).get("path", where))
-        if not root.is_absolute():  # held inside the bundle
-            root = source / root
-            files = [dict(f, path=str(source / f["path"])) for f in files]
+        root = _in_bundle(recorded.get(key, {}).get("path", where), source)
+        files = [dict(f, path=str(_in_bundle(f["path"], source))) for f in recorded.get(key, {}).get("files", [])]
         for f in files:
             local = where / Path(f["path"]).relative_to(root) if where.is_dir() else where
             if not local.is_file():
