@@ -6,10 +6,11 @@ config (as bench/official.py runs it: stage 1+2, MFM at full resolution, posteri
 abstract model, no weights), one image of --size pixels. Each distinct convolution (input shape,
 kernel shape, stride, padding) is timed alone, jitted in XLA and eager in PyTorch on the same
 random float32 data with torch threads = cores, and the time is weighted by how often the restore
-runs it: the total is the restore's convolution time on each library's kernels. As the tried
-alternative for 3x3 convolutions, Winograd F(2x2, 3x3) written in jax.numpy (input and output
-transforms as sums of strided slices, 16 batched matrix products) is timed at the largest ones.
-Medians of --reps after a warm-up. Writes bench/results/conv_kernels_<backend>.json.
+runs it: the total is the restore's convolution time on each library's kernels. Two tried
+alternatives are timed too: convolutions of 512+ input channels at 128x128 or more as two over
+halves of their input, and, for the 3x3 convolutions with the most time, Winograd F(2x2, 3x3)
+written in jax.numpy (input and output transforms as sums of strided slices, 16 batched matrix
+products). Medians of --reps after a warm-up. Writes bench/results/conv_kernels_<backend>.json.
 
     python bench/conv_kernels.py [--size 256] [--reps 5]
 
