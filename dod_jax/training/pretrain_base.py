@@ -159,24 +159,17 @@ def _unet_update(graphdef, vae_graphdef, schedule, state, vae_state, images, con
     return nnx.state((unet, optimizer)), {"loss": loss}
 
 
-def _posterior_samples(vae, images, key):
-    graphdef, state = nnx.split(vae)
-    return _posterior_samples_of(graphdef, state, images, key)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _on_vae(fn, graphdef, state, *args):
+    """fn(the VAE of (graphdef, state), *args), compiled once per fn and VAE structure."""
+    return fn(nnx.merge(graphdef, state), *args)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _posterior_samples_of(graphdef, state, images, key):
-    return nnx.merge(graphdef, state).encode(images).sample(key)
+def _posterior_sample(vae, images, key):
+    return vae.encode(images).sample(key)
 
 
-def _reconstruct(vae, images):
-    graphdef, state = nnx.split(vae)
-    return _reconstruction_of(graphdef, state, images)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _reconstruction_of(graphdef, state, images):
-    vae = nnx.merge(graphdef, state)
+def _reconstruction(vae, images):
     return vae.decode(vae.encode(images).mode()).astype(jnp.float32)
 
 
@@ -198,8 +191,9 @@ def train(name: str, steps: int, step_fn, batches: TrainBatches, seed: int) -> l
 
 def scaling_factor(vae, batches: TrainBatches, seed: int, batches_used: int = 16) -> float:
     """1 / std of the posterior samples of training crops (LQ and GT), to 5 significant digits."""
-    samples = [np.asarray(_posterior_samples(vae, np.concatenate([b["lq"], b["gt"]]),
-                                             jax.random.fold_in(jax.random.key(seed + 1), i)))
+    graphdef, state = nnx.split(vae)
+    samples = [np.asarray(_on_vae(_posterior_sample, graphdef, state, np.concatenate([b["lq"], b["gt"]]),
+                                  jax.random.fold_in(jax.random.key(seed + 1), i)))
                for i, b in ((i, batches.batch(i)) for i in range(batches_used))]
     return float(f"{1.0 / float(np.std(np.concatenate(samples))):.5g}")
 
@@ -207,13 +201,14 @@ def scaling_factor(vae, batches: TrainBatches, seed: int, batches_used: int = 16
 def held_out_reconstruction(vae, lpips, crop: int) -> dict[str, dict[str, float]]:
     """The VAE's reconstruction PSNR (8-bit RGB) and LPIPS-VGG on each held-out demo photo, cut
     into crops of the training size that are each encoded and decoded on their own."""
-    out = {}
+    out, (graphdef, state) = {}, nnx.split(vae)
     for name, photo in demo_photos().items():
         if name not in TEST_PHOTOS:
             continue
         h, w = (s // crop * crop for s in photo.shape[:2])
         crops = photo[:h, :w].reshape(h // crop, crop, w // crop, crop, 3).swapaxes(1, 2).reshape(-1, crop, crop, 3)
-        restored = to_uint8(np.asarray(_reconstruct(vae, jnp.asarray(crops.astype(np.float32) / 127.5 - 1.0))))
+        inputs = jnp.asarray(crops.astype(np.float32) / 127.5 - 1.0)
+        restored = to_uint8(np.asarray(_on_vae(_reconstruction, graphdef, state, inputs)))
         stacked = lambda images: images.reshape(-1, crop, 3).astype(np.float32) / 255.0  # all crops as one image
         perceptual = lpips(jnp.asarray(restored / 127.5 - 1.0), jnp.asarray(crops / 127.5 - 1.0))
         out[name] = {"psnr": round(psnr(stacked(restored), stacked(crops)), 4),
