@@ -1,4 +1,4 @@
-"""Where merged CLoRA's per-image fold (dod_jax.restore.engine.merge_generator) spends its time.
+"""Where merged CLoRA's per-image fold (dod_jax.methods.dod.restore.merge_generator) spends its time.
 
 At the SD 2.1-base + ADM-256 config with random weights (non-zero B and M_theta), one image of
 --size pixels, the MFM at full resolution: the modulation alone (ADM features + M_theta), the
@@ -27,9 +27,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from bench.forward import median_seconds  # noqa: E402
 from dod_jax.configs import load_config  # noqa: E402
-from dod_jax.dod.build import build_dod, random_base  # noqa: E402
+from dod_jax.methods.dod.build import build_dod, random_base  # noqa: E402
 from dod_jax.machine import cpu_model  # noqa: E402
-from dod_jax.restore.engine import fold_for, merge_generator  # noqa: E402
+from dod_jax.methods.dod.restore import fold_for, merge_generator  # noqa: E402
 from merge_check import randomise_generator_b, randomise_mtheta  # noqa: E402
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.forward import median_seconds  # noqa: E402
 from dod_jax.configs import load_config  # noqa: E402
-from dod_jax.dod.build import abstract_dod  # noqa: E402
+from dod_jax.methods.dod.build import abstract_dod  # noqa: E402
 from dod_jax.machine import cpu_model  # noqa: E402
 from dod_jax.schedule import DDPMSchedule  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 The PyTorch side is the re-statement of the authors' model (tests/dod_reference.py: diffusers,
 peft, their module names; eager, torch threads = cores) with random non-trivial weights, saved
-as their code saves it; dod-jax imports those files with `python -m dod_jax.weights.official
+as their code saves it; dod-jax imports those files with `python -m dod_jax.methods.dod.convert
 import` and restores jitted. Both restore at the posterior mode with the MFM at full resolution
 (as the re-statement), stage 1+2. Per case (size, batch, dtype, CLoRA unmerged or merged into
 the weights per image, dod-jax only): median wall times, the ratio `jax_over_torch` (dod-jax
@@ -48,9 +48,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from bench.forward import median_seconds  # noqa: E402
 from dod_jax.configs import load_config  # noqa: E402
 from dod_jax.restore.bundle import load_model  # noqa: E402
-from dod_jax.restore.engine import merge_generator  # noqa: E402
+from dod_jax.methods.dod.restore import merge_generator  # noqa: E402
 from dod_jax.machine import cpu_model  # noqa: E402
-from dod_jax.weights.official import main as official_main  # noqa: E402
+from dod_jax.methods.dod.convert import main as official_main  # noqa: E402
 
 MAX_ABS_DIFF = 1e-3  # a float32 run whose restoration differs from PyTorch's by more is recorded as failed
 BF16_RMS_RATIO = 2.0  # a bfloat16 run fails when its error is above this many times PyTorch bfloat16's own
@@ -163,7 +163,7 @@ def main():
         del reference
         gc.collect()
         for dtype in args.dtypes:
-            loaded = load_model(Path(scratch) / "bundle", dtype=dtype, dod={"latent": "mode"})
+            loaded = load_model(Path(scratch) / "bundle", dtype=dtype, sections={"dod": {"latent": "mode"}})
             unmerged, merged, state = jax_restorers(loaded.model)
             del loaded
             for lq in inputs.values():

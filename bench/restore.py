@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 from dod_jax.configs import load_config  # noqa: E402
 from dod_jax.data.demo import demo_photos  # noqa: E402
 from dod_jax.machine import peak_rss_gib  # noqa: E402
-from dod_jax.dod.build import base_models, build_dod  # noqa: E402
+from dod_jax.methods.dod.build import base_models, build_dod  # noqa: E402
+from dod_jax.methods.dod.restore import DODRunner  # noqa: E402
 from dod_jax.restore.engine import Restorer, RestoreSettings  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def main():
 
     if not args.skip_4k:
         image = photo_of_size(3072, 4096)
-        restorer = Restorer(model, RestoreSettings(tile=512, tile_overlap=64))
+        restorer = Restorer(DODRunner(model), RestoreSettings(tile=512, tile_overlap=64))
         start = time.perf_counter()
         out = restorer.restore([image])[0]
         result["4k"] = {"size": [3072, 4096], "tile": 512, "overlap": 64, "seconds": time.perf_counter() - start,
@@ -61,15 +62,15 @@ def main():
         print(json.dumps(result["4k"]), flush=True)
 
     image = photo_of_size(512, 768)
-    whole = Restorer(model, RestoreSettings()).restore([image])[0].astype(np.float64)
+    whole = Restorer(DODRunner(model), RestoreSettings()).restore([image])[0].astype(np.float64)
     result["tiled_vs_whole"] = {"size": [512, 768]}
     for tile, overlap in ((256, 64), (256, 128), (384, 128)):
-        tiled = Restorer(model, RestoreSettings(tile=tile, tile_overlap=overlap, tile_above=0)).restore([image])[0]
+        tiled = Restorer(DODRunner(model), RestoreSettings(tile=tile, tile_overlap=overlap, tile_above=0)).restore([image])[0]
         psnr = 10 * np.log10(255.0 ** 2 / np.mean((tiled - whole) ** 2))
         result["tiled_vs_whole"][f"tile{tile}_overlap{overlap}_psnr_db"] = float(psnr)
     print(json.dumps(result["tiled_vs_whole"]), flush=True)
 
-    timer = Restorer(model)
+    timer = DODRunner(model)
     result["latency_512"] = [timer.time(512, 1, args.time_runs), timer.time(512, 1, args.time_runs, merged=True)]
     print(json.dumps(result["latency_512"]), flush=True)
     out = ROOT / "bench" / "results" / f"restore_{args.config.stem}_{jax.default_backend()}.json"

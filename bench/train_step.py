@@ -30,13 +30,13 @@ sys.path.insert(0, str(ROOT))
 
 from dod_jax import adapters  # noqa: E402
 from dod_jax.configs import load_config  # noqa: E402
-from dod_jax.dod.build import base_models  # noqa: E402
-from dod_jax.dod.model import GENERATOR  # noqa: E402
+from dod_jax.methods.dod.build import base_models  # noqa: E402
+from dod_jax.methods.dod.model import GENERATOR  # noqa: E402
 from dod_jax.losses.lpips import load_lpips  # noqa: E402
 from dod_jax.machine import peak_rss_gib  # noqa: E402
 from dod_jax.models.layers import REMAT_POLICIES  # noqa: E402
-from dod_jax.training.loop import training_model  # noqa: E402
-from dod_jax.training.steps import FAKE, Stage  # noqa: E402
+from dod_jax.methods.dod.method import training_model  # noqa: E402
+from dod_jax.methods.dod.steps import FAKE, Stage  # noqa: E402
 
 
 def nbytes(tree) -> int:

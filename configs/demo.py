@@ -2,10 +2,10 @@
 on the built-in demo photos (dod_jax/assets/demo_base, loaded through the real loaders), with
 training settings that fit the demo's time on a 2-core CPU.
 
-The `pretrain` section is the recipe of that base (dod_jax.training.pretrain_base), which
+The `pretrain` section is the recipe of that base (dod_jax.methods.dod.pretrain_base), which
 reproduces the shipped files:
 
-    python -m dod_jax.training.pretrain_base --config configs/demo.py --out dod_jax/assets/demo_base
+    python -m dod_jax.methods.dod.pretrain_base --config configs/demo.py --out dod_jax/assets/demo_base
 """
 
 from pathlib import Path

@@ -20,6 +20,7 @@ VAE_TARGETS = ["conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out",
 
 def get_config() -> ConfigDict:
     config = sd21_base.get_config()
+    config.method = "dod"  # the restoration method (dod_jax.methods registry): this file configures DOD
     config.prompt_length = 77  # tokens of the prompt embedding (CLIP's max length)
     # guided-diffusion's 256x256 unconditional ImageNet model (dod_jax.models.adm.ADMConfig fields).
     config.adm = ConfigDict({
@@ -102,7 +103,7 @@ def get_config() -> ConfigDict:
         "weights": {k: config_dict.placeholder(float) for k in ("l2", "lpips", "dmd", "ssim")},
         "fake_updates": 1,          # fake-score updates per generator update
         "fake_rank": 8,
-        # Where the fake score's LoRA sits (dod_jax.training.steps.FAKE_SCOPES). 'official', the
+        # Where the fake score's LoRA sits (dod_jax.methods.dod.steps.FAKE_SCOPES). 'official', the
         # default: what the authors' code trains in effect (three peft adapters are added, the
         # last, "others", is the only active one: the mid block), so that a run reproduces the
         # training of the released weights; 'all': every target layer and conv_in, the code's evident intent.

@@ -1,12 +1,15 @@
 """dod-jax: DOD (one-step all-in-one image restoration on Stable Diffusion 2.1-base) in JAX.
 
 Layers, lowest first (tests/test_layering.py holds every import to them): base helpers
-(errors, files, configs, image_ops for image files, schedule, parallel, compilation_cache);
-models (Flax ports, no method logic); adapters (LoRA, CLoRA, injection, merging); weights,
-losses with the metrics that are losses too, data, and checkpoint I/O (dod_jax.checkpoints:
-below both training and restore, so inference never imports the trainer); the methods (DOD:
-dod_jax.dod); training and restore; evaluation (over restore); the commands (the demo, the
-authors'-checkpoint converter). A module imports its own layer and those below it.
+(errors, files, configs, image_ops for image files, schedule, parallel, compilation_cache,
+tiles, optim); models (Flax ports, no method logic); adapters (LoRA, CLoRA, injection,
+merging); weights, losses with the metrics that are losses too, data, and checkpoint I/O
+(dod_jax.checkpoints: below both training and restore, so inference never imports the
+trainer); the methods (dod_jax.methods: the registry and the method interface; DOD in
+dod_jax.methods.dod); training and restore; evaluation (over restore); the commands (the
+demo, the authors'-checkpoint converter). A module imports its own layer and those below it,
+and training, restore and evaluation are method-free: they reach a method through the
+registry (`dod_jax.methods.of(config)`), never by importing its package.
 
 Importing the package sets no XLA option: every run gets XLA's defaults.
 
@@ -24,7 +27,7 @@ function is fused into one YNNPACK call that returns garbage at some shapes, e.g
 
 prints a relative error near 1.5 (6e-7 without it); widths 320 and 1280 at 64 tokens and ranks
 4 to 16 fail. That is merged CLoRA's `x (W0 + s A diag(gamma) B)` in one jit, so dod-jax merges
-in its own compiled function (dod_jax.restore.engine.merge_generator) and passes the merged
+in its own compiled function (dod_jax.methods.dod.restore.merge_generator) and passes the merged
 weights to the forward as inputs. tests/test_xla_options.py holds restore, merged and unmerged,
 under the opt-in against XLA's defaults; training under it is not proven (README, "XLA options").
 """

@@ -64,6 +64,7 @@ def apply_overrides(config: ConfigDict, overrides: list[str]) -> ConfigDict:
 # what the code did before the key existed (as big_vision's fix_old_checkpoints does for its
 # checkpoints).
 ADDED_KEYS = {
+    "method": "dod",                  # DOD was the only method
     "base.dtype": "float32",          # the frozen base was stored in float32
     "base.attention": "auto",         # attention as dot_product_attention's default computes it
     "dod.mfm_resize": "bilinear",     # the MFM's input was resized bilinearly
@@ -78,7 +79,8 @@ def saved_config(values: dict) -> ConfigDict:
     saved filled in (ADDED_KEYS)."""
     config = ConfigDict(values)
     for dotted, value in ADDED_KEYS.items():
-        section, key = dotted.split(".")
-        if section in config and key not in config[section]:
-            config[section][key] = value
+        *section, key = dotted.split(".")
+        node = config[section[0]] if section and section[0] in config else None if section else config
+        if node is not None and key not in node:
+            node[key] = value
     return config

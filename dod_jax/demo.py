@@ -5,7 +5,7 @@
 1. writes the built-in demo set (AIO-5 layout, dod_jax.data.demo);
 2. loads the demo's base: a tiny AutoencoderKL and UNet2DCondition of the SD 2.x family that
    the project pretrained on the demo's training photos (dod_jax/assets/demo_base, in the
-   diffusers folder layout; dod_jax.training.pretrain_base reproduces it), a random ADM
+   diffusers folder layout; dod_jax.methods.dod.pretrain_base reproduces it), a random ADM
    encoder for the MFM and fixed prompt embeddings;
 3. trains stage 1 (CLoRA, M_theta, conv_in, encoder LoRA with MSE + LPIPS + DMD) and then
    stage 2 (skip convs and DEMs with MSE + SSIM) of the config's DOD on top, with
@@ -32,9 +32,9 @@ from dod_jax import compilation_cache
 from dod_jax.configs import load_config
 from dod_jax.errors import reported
 from dod_jax.evaluation.iqa import PyiqaMetrics
-from dod_jax.evaluation.run import Scorer, evaluate as evaluate_items, first_per_column, layout_items
+from dod_jax.evaluation.run import Model, Scorer, evaluate as evaluate_items, first_per_column, layout_items
 from dod_jax.restore.bundle import load_model
-from dod_jax.restore.engine import Restorer, RestoreSettings
+from dod_jax.restore.engine import RestoreSettings
 from dod_jax.training.loop import demo_root, run
 from dod_jax.training.plots import plot_losses, read_log
 
@@ -48,11 +48,12 @@ def evaluate(config, checkpoints: Path, data_root: Path, out: Path, per_task: in
     """The trained model and the LQ input on the demo test photos (the first `per_task` of each
     table column; all by default): evaluate.py's tables, JSON and images in `out`."""
     loaded = load_model(checkpoints, dtype="float32")
-    restorer = Restorer(loaded.model, RestoreSettings.from_config(loaded.config, batch_size=2), use_hde=loaded.use_hde)
+    restorer = loaded.restorer(RestoreSettings.from_config(loaded.config, batch_size=2))
     items, problems = layout_items(data_root, "aio5", EVAL_TASKS)
     items = first_per_column(items, per_task)
     scorer = Scorer("rgb", 0, config.train.lpips_weights, PyiqaMetrics())
-    return evaluate_items(restorer, items, out, scorer, problems,
+    model = Model(loaded.method.name, loaded.method.label, restorer)
+    return evaluate_items([model], items, out, scorer, problems,
                           {"ckpt": str(checkpoints), "base": config.base.to_dict()})
 
 

@@ -5,11 +5,15 @@ filled under a temporary name beside it and renamed. Readers see the old thing o
 new one, never half. Python's temporary files and folders are created private (0600, 0700);
 what is renamed into place (a folder with everything in it) gets the mode any other tool's
 output would get: 0666 or 0777 less the umask.
+
+Weights files are identified by path, size and sha256 (`file_identity`), which checkpoints
+and restore bundles record of the frozen weights a method builds on (`same_base` compares two).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -83,3 +87,28 @@ def atomic_folder(path: str | os.PathLike, fill: Callable[[Path], None], *, repl
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def file_identity(path: str | os.PathLike, root: Path | None = None) -> dict:
+    """{path, bytes, sha256} of a weights file, or of each weights file in a folder (named by
+    its place in the folder, so a symlinked cache entry keeps its folder's path); a relative
+    `path` is read under `root` and recorded as it is."""
+    path = Path(path)
+    inside = root is not None and not path.is_absolute()
+    local = root / path if inside else path
+    recorded = path if inside else path.resolve()
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".msgpack", ".json")) \
+        if local.is_dir() else [local]
+    out = []
+    for f in files:
+        name = recorded / f.relative_to(local) if local.is_dir() else recorded
+        out.append({"path": str(name), "bytes": f.stat().st_size, "sha256": sha256(f)})
+    return {"path": str(recorded), "files": out}
+
+
+def same_base(a: dict, b: dict) -> bool:
+    """Two base identities name the same weights (same hashes, wherever the files now are)."""
+    digests = lambda identity: json.dumps(
+        {k: ([f["sha256"] for f in v["files"]] if isinstance(v, dict) and "files" in v else v)
+         for k, v in identity.items()}, sort_keys=True)
+    return digests(a) == digests(b)

@@ -9,7 +9,7 @@ UNet CLoRA in its Linear and Conv2d layers, trained conv_in, decoder with DEMs) 
 ways:
 
     unmerged       the adapter branches, a batch of images in one call
-    merged         dod_jax.restore.engine.merge_generator in its own compiled call, the merged
+    merged         dod_jax.methods.dod.restore.merge_generator in its own compiled call, the merged
                    weights passed to the forward as inputs (what dod-jax does)
 
 (The fold and the forward in one compiled call, what dod-jax did, was 0.87 / 0.43 off at 64 /
@@ -34,8 +34,8 @@ from flax import nnx
 
 from dod_jax import adapters
 from dod_jax.configs import load_config
-from dod_jax.dod import GENERATOR, build_dod, random_base
-from dod_jax.restore.engine import merge_generator
+from dod_jax.methods.dod import GENERATOR, build_dod, random_base
+from dod_jax.methods.dod.restore import merge_generator
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = (64, 256)  # pixels; the latents are 1/8 of that

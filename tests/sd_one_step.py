@@ -1,6 +1,6 @@
 """SD's one-step path, the computation DOD reduces to at initialisation (no adapter selected,
 DEMs off): VAE encode (posterior mode), one UNet step at t = 999, x0 from eps, VAE decode.
-Written here from the pipeline's parts, apart from dod_jax.dod, for the tests and benches that
+Written here from the pipeline's parts, apart from dod_jax.methods.dod, for the tests and benches that
 hold DOD or a bfloat16 UNet against it; and a deterministic colour card to run it on."""
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from PIL import Image
 
 from conftest import ROOT, micro_config
 from dod_jax.data.demo import write_demo_set
-from dod_jax.dod.build import base_models, build_dod
-from dod_jax.dod.model import ALL_TRAINED, all_trained
+from dod_jax.methods.dod.build import base_models, build_dod
+from dod_jax.methods.dod.model import ALL_TRAINED, all_trained
 from dod_jax.evaluation.run import main as evaluate_main
 from dod_jax.errors import one_line
 from dod_jax.files import atomic_write

@@ -17,10 +17,10 @@ from conftest import ROOT
 from configs.dod import LPIPS_WEIGHTS
 from dod_jax.configs import load_config
 from dod_jax.data.demo import TEST_PHOTOS, demo_photos
-from dod_jax.dod.build import base_networks, load_base
+from dod_jax.methods.dod.build import base_networks, load_base
 from dod_jax.losses.lpips import load_lpips
 from dod_jax.models.layers import NumpyRngs
-from dod_jax.training.pretrain_base import (MANIFEST, SHIPPED, file_table, held_out_reconstruction, kl_divergence,
+from dod_jax.methods.dod.pretrain_base import (MANIFEST, SHIPPED, file_table, held_out_reconstruction, kl_divergence,
                                             pretrain, vae_step, vae_terms)
 
 # Measured on the shipped base (manifest.json, vae_held_out): chelsea 24.49 dB / LPIPS 0.465,

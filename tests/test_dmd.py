@@ -9,7 +9,7 @@ from flax import nnx
 
 from conftest import tiny_config
 from dod_jax import adapters
-from dod_jax.losses.dmd import (dmd_loss, dmd_loss_from_predictions, draw_timesteps_and_noise, fake_score_loss,
+from dod_jax.methods.dod.dmd import (dmd_loss, dmd_loss_from_predictions, draw_timesteps_and_noise, fake_score_loss,
                                 score_predictions)
 from dod_jax.models.layers import NumpyRngs
 from dod_jax.models.unet import UNet2DCondition, UNetConfig

@@ -11,9 +11,9 @@ from flax import nnx
 from conftest import ROOT, tiny_config
 from dod_jax import adapters
 from dod_jax.configs import load_config
-from dod_jax.dod import GENERATOR, abstract_dod, build_dod, parameter_counts, random_base, trainable
-from dod_jax.dod.model import STAGE_GROUPS
-from dod_jax.restore.engine import merge_generator, state_arrays
+from dod_jax.methods.dod import GENERATOR, abstract_dod, build_dod, parameter_counts, random_base, trainable
+from dod_jax.methods.dod.model import STAGE_GROUPS
+from dod_jax.methods.dod.restore import merge_generator, state_arrays
 from merge_check import loras, randomise_generator_b, randomise_mtheta, two_images
 from sd_one_step import one_step
 

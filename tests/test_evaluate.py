@@ -13,7 +13,7 @@ from conftest import ROOT
 from dod_jax.configs import load_config
 from dod_jax.data import degradations as deg
 from dod_jax.data.demo import demo_photos
-from dod_jax.dod.build import base_models, build_dod
+from dod_jax.methods.dod.build import base_models, build_dod
 from dod_jax.losses import metrics
 from dod_jax.evaluation.iqa import PyiqaMetrics
 from dod_jax.evaluation.run import main as evaluate_main

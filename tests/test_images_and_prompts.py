@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from dod_jax.dod.images import restore_image
-from dod_jax.dod.prompts import load_prompt_embeddings, save_prompt_embeddings
+from dod_jax.restore.images import restore_image
+from dod_jax.methods.dod.prompts import load_prompt_embeddings, save_prompt_embeddings
 from dod_jax.weights.diffusers import WeightsError
 
 
@@ -98,7 +98,7 @@ def test_prompt_cli_encodes_with_the_pipelines_text_encoder(tmp_path, capsys):
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from dod_jax.dod.prompts import main
+    from dod_jax.methods.dod.prompts import main
 
     # A tiny random CLIP text tower and a character-level tokenizer in a pipeline's layout.
     letters = "abcdefghijklmnopqrstuvwxyz"

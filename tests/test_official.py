@@ -15,15 +15,15 @@ from flax import nnx
 
 from conftest import ROOT
 from dod_jax.configs import load_config
-from dod_jax.dod import official
-from dod_jax.dod.build import base_models, build_dod
-from dod_jax.dod.model import all_trained
-from dod_jax.dod.prompts import save_prompt_embeddings
+from dod_jax.methods.dod import official
+from dod_jax.methods.dod.build import base_models, build_dod
+from dod_jax.methods.dod.model import all_trained
+from dod_jax.methods.dod.prompts import save_prompt_embeddings
 from dod_jax.restore.bundle import load_model, save_bundle
-from dod_jax.restore.engine import PRESETS
+from dod_jax.methods.dod.restore import PRESETS
 from dod_jax.weights.adm import save_adm
 from dod_jax.weights.diffusers import save_pipeline, torch_tensors
-from dod_jax.weights.official import main as official_main
+from dod_jax.methods.dod.convert import main as official_main
 
 MICRO = ROOT / "configs" / "micro.py"
 
@@ -71,13 +71,13 @@ def test_import_puts_every_tensor_in_place_and_the_bundle_restores(released, tmp
     folder, model, _ = released
     assert official_main(import_args(folder, tmp_path / "bundle")) == 0
     loaded = load_model(tmp_path / "bundle", dtype="float32")
-    assert loaded.use_hde and loaded.config.dod.literal_gamma and loaded.config.dod.alpha == official.PEFT_ALPHA
+    assert loaded.stage == "stage2" and loaded.config.dod.literal_gamma and loaded.config.dod.alpha == official.PEFT_ALPHA
     expected, got = nnx.to_pure_dict(all_trained(model)), nnx.to_pure_dict(all_trained(loaded.model))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), expected, got)
     lq = jax.random.uniform(jax.random.key(0), (1, 32, 32, 3), minval=-1, maxval=1)
     key = jax.random.key(2)  # the posterior noise (the bundle samples its latent, as the authors' code)
     np.testing.assert_array_equal(np.asarray(loaded.model(lq, key)), np.asarray(model(lq, key)))
-    official_inference = {k: v for k, v in PRESETS["official"]["dod"].items() if k != "mfm_size"}
+    official_inference = {k: v for k, v in PRESETS["official"]["config"]["dod"].items() if k != "mfm_size"}
     assert {k: loaded.config.dod[k] for k in official_inference} == official_inference
     assert dict(loaded.config.restore) == PRESETS["official"]["restore"]
 
@@ -89,7 +89,7 @@ def test_import_puts_every_tensor_in_place_and_the_bundle_restores(released, tmp
 
     # Without stage 2: a stage-1 model, which decodes without DEMs.
     assert official_main(import_args(folder, tmp_path / "stage1_only", stage2=False)) == 0
-    assert not load_model(tmp_path / "stage1_only", dtype="float32").use_hde
+    assert not load_model(tmp_path / "stage1_only", dtype="float32").stage == "stage2"
 
 
 def test_export_writes_the_authors_files_back_exactly(released, tmp_path):

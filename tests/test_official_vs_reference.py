@@ -1,6 +1,6 @@
 """The authors' DOD, re-stated in PyTorch from REFERENCE.md (tests/dod_reference.py: diffusers,
 peft, their module names), with random non-trivial weights everywhere, saved as their code
-saves it, imported by `python -m dod_jax.weights.official import`: dod-jax restores the same
+saves it, imported by `python -m dod_jax.methods.dod.convert import`: dod-jax restores the same
 images, for a stage-1 and a stage-1+2 bundle, at the posterior mode and with the same
 posterior noise on both sides, on the micro and tiny configs and at the full SD 2.1-base +
 ADM-256 config (256 x 256); and what dod-jax exports loads into the re-statement and restores
@@ -22,8 +22,8 @@ from conftest import ROOT, nchw, nhwc
 from dod_jax.configs import load_config
 from dod_jax.models.layers import normal_per_sample
 from dod_jax.restore.bundle import load_model
-from dod_jax.weights.official import main as official_main
-from dod_jax.dod.official import vae_target_regex
+from dod_jax.methods.dod.convert import main as official_main
+from dod_jax.methods.dod.official import vae_target_regex
 from dod_reference import AUTHORS_UNET_TARGETS, AUTHORS_VAE_REGEX, authors_model, config_file, save_released
 
 SIZE = 32
@@ -68,11 +68,11 @@ def lq_images(batch=2, seed=0):
 def test_dod_jax_restores_what_the_authors_model_restores(released, tmp_path, stage2):
     folder, config, reference = released
     loaded = imported(folder, tmp_path / "bundle", stage2)
-    assert loaded.use_hde == stage2 and loaded.config.dod.latent == "sample"  # the bundle samples, as the authors
+    assert (loaded.stage == "stage2") == stage2 and loaded.config.dod.latent == "sample"  # the bundle samples, as the authors
     lq = lq_images()
     with torch.no_grad():
         expected = nhwc(reference(nchw(lq), use_dems=stage2))
-    mode = load_model(tmp_path / "bundle", dtype="float32", dod={"latent": "mode"})
+    mode = load_model(tmp_path / "bundle", dtype="float32", sections={"dod": {"latent": "mode"}})
     got = np.clip(np.asarray(mode.model(jax.numpy.asarray(lq), use_hde=stage2)), -1, 1)
     err = np.abs(got - expected).max()
     print(f"{folder.name}, {'stage 1+2' if stage2 else 'stage 1'}, posterior mode: max abs error {err:.2e}")

@@ -20,15 +20,16 @@ from conftest import ROOT
 from dod_jax import compilation_cache
 from dod_jax.configs import ADDED_KEYS, load_config, saved_config
 from dod_jax.data.demo import demo_photos
-from dod_jax.dod.build import base_models, build_dod
-from dod_jax.dod.images import finish, prepare
-from dod_jax.dod.model import all_trained
+from dod_jax.methods.dod.build import base_models, build_dod
+from dod_jax.restore.images import finish, prepare
+from dod_jax.methods.dod.model import all_trained
 from dod_jax.errors import ConfigError
 from dod_jax.restore import cli
 from dod_jax.restore.bundle import BundleError, load_model, save_bundle
 from dod_jax.restore.color import adain, split_frequencies, wavelet
+from dod_jax.methods.dod.restore import DODRunner
 from dod_jax.restore.engine import Restorer, RestoreSettings
-from dod_jax.restore.tiles import blend, gaussian_weights, starts
+from dod_jax.tiles import blend, gaussian_weights, starts
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +88,21 @@ def test_colour_fixes_keep_detail_and_take_the_reference_colours():
 
 # ----------------------------------------------------------------------------- Restorer
 
+def dod_restorer(model, settings: RestoreSettings | None = None) -> Restorer:
+    """The restore engine around DOD's runner, as Loaded.restorer builds it for a DOD bundle."""
+    settings = settings or RestoreSettings()
+    return Restorer(DODRunner(model, seed=settings.seed), settings)
+
+
 def test_batches_of_equal_buckets_compile_once_and_equal_single_restores(micro):
     _, model = micro
     photo = demo_photos()["coffee"]
     images = [photo[:120, :150], photo[:128, :160], photo[:100, :155], photo[:128, :192]]
-    batched = Restorer(model, RestoreSettings(batch_size=3, bucket=32, min_side=64))
+    batched = dod_restorer(model, RestoreSettings(batch_size=3, bucket=32, min_side=64))
     got = batched.restore(images)
     # Three images pad to the 128x160 bucket and run as one batch; one pads to 128x192.
-    assert batched._whole._cache_size() == 2
-    single = Restorer(model, RestoreSettings(batch_size=1, bucket=32, min_side=64))
+    assert batched.runner._whole._cache_size() == 2
+    single = dod_restorer(model, RestoreSettings(batch_size=1, bucket=32, min_side=64))
     for image, out in zip(images, got):
         assert out.shape == image.shape and out.dtype == np.uint8
         np.testing.assert_array_less(np.abs(out.astype(int) - single.restore([image])[0]), 2)
@@ -106,8 +113,8 @@ def test_a_single_tile_is_the_whole_image_path(micro):
     its DEM skips); with one tile covering the image it must equal the whole path."""
     _, model = micro
     image = demo_photos()["chelsea"][:64, :96].astype(np.float32) / 255
-    whole = Restorer(model, RestoreSettings(min_side=64)).restore([image])[0]
-    tiled = Restorer(model, RestoreSettings(tile=128, tile_overlap=64, tile_above=0, min_side=64)).restore([image])[0]
+    whole = dod_restorer(model, RestoreSettings(min_side=64)).restore([image])[0]
+    tiled = dod_restorer(model, RestoreSettings(tile=128, tile_overlap=64, tile_above=0, min_side=64)).restore([image])[0]
     np.testing.assert_allclose(tiled, whole, atol=2e-5)
 
 
@@ -119,16 +126,16 @@ def test_a_full_resolution_mfm_averages_its_features_over_the_tiles(micro):
     model.mfm_size = 0
     try:
         image = demo_photos()["chelsea"][:64, :96].astype(np.float32) / 255
-        whole = Restorer(model, RestoreSettings(min_side=64)).restore([image])[0]
-        one_tile = Restorer(model, RestoreSettings(tile=128, tile_overlap=64, tile_above=0, min_side=64))
+        whole = dod_restorer(model, RestoreSettings(min_side=64)).restore([image])[0]
+        one_tile = dod_restorer(model, RestoreSettings(tile=128, tile_overlap=64, tile_above=0, min_side=64))
         np.testing.assert_allclose(one_tile.restore([image])[0], whole, atol=2e-5)
-        tiles = Restorer(model, RestoreSettings(tile=32, tile_overlap=0, tile_above=0, min_side=64, bucket=32))
-        used, modulate = [], tiles._modulate
-        tiles._modulate = lambda state, c: used.append(np.asarray(c)) or modulate(state, c)
+        tiles = dod_restorer(model, RestoreSettings(tile=32, tile_overlap=0, tile_above=0, min_side=64, bucket=32))
+        used, modulate = [], tiles.runner._modulate
+        tiles.runner._modulate = lambda state, c: used.append(np.asarray(c)) or modulate(state, c)
         tiles.restore([image])
         lq = image * 2 - 1  # 32-pixel tiles without overlap: at 0 / 32 down and 0 / 32 / 64 across
         features = [model.degradation_feature(lq[None, y:y + 32, x:x + 32]) for y in (0, 32) for x in (0, 32, 64)]
-        assert len(used) == 1 and tiles._feature._cache_size() == 1
+        assert len(used) == 1 and tiles.runner._feature._cache_size() == 1
         np.testing.assert_allclose(used[0], np.mean(np.stack(features), axis=0), atol=1e-5)
     finally:
         model.mfm_size = 32
@@ -144,11 +151,11 @@ def test_tiled_restore_is_close_to_the_whole_image(micro):
     tiles, overlap 64) and whole, 24.2 dB without overlap, the input 8.5 dB from the whole."""
     _, model = micro
     image = demo_photos()["coffee"][:128, :256]
-    whole = Restorer(model, RestoreSettings(min_side=64)).restore([image])[0]
-    tiled = {overlap: Restorer(model, RestoreSettings(tile=128, tile_overlap=overlap, tile_above=0, min_side=64))
+    whole = dod_restorer(model, RestoreSettings(min_side=64)).restore([image])[0]
+    tiled = {overlap: dod_restorer(model, RestoreSettings(tile=128, tile_overlap=overlap, tile_above=0, min_side=64))
              for overlap in (64, 0)}
     out = {overlap: restorer.restore([image])[0] for overlap, restorer in tiled.items()}
-    assert tiled[64]._decode_tile._cache_size() == 1  # every tile one shape
+    assert tiled[64].runner._decode_tile._cache_size() == 1  # every tile one shape
     assert psnr(out[64], whole) > psnr(out[0], whole) + 1.0
     assert psnr(out[64], whole) > psnr(image, whole) + 10.0
 
@@ -166,10 +173,10 @@ def test_the_posterior_sample_is_drawn_from_the_seed_and_the_image_alone(micro):
         model(lq)
     photo = demo_photos()["coffee"].astype(np.float32) / 255
     image, other = photo[:64, :96], photo[64:128, 96:192]
-    alone = Restorer(model, RestoreSettings(min_side=64, seed=3)).restore([image])[0]
-    batched = Restorer(model, RestoreSettings(min_side=64, seed=3, batch_size=2)).restore([other, image])[1]
+    alone = dod_restorer(model, RestoreSettings(min_side=64, seed=3)).restore([image])[0]
+    batched = dod_restorer(model, RestoreSettings(min_side=64, seed=3, batch_size=2)).restore([other, image])[1]
     np.testing.assert_allclose(batched, alone, atol=1e-5)  # a batch of 2 compiles another program
-    reseeded = Restorer(model, RestoreSettings(min_side=64, seed=4)).restore([image])[0]
+    reseeded = dod_restorer(model, RestoreSettings(min_side=64, seed=4)).restore([image])[0]
     assert np.abs(reseeded - alone).max() > 0.01
 
 
@@ -183,9 +190,9 @@ def test_the_mfm_sees_the_unpadded_image_resized_bicubic_with_antialiasing(micro
     photo = demo_photos()["chelsea"][:100, :150].astype(np.float32) / 255
     seen = {}
     for bucket in (8, 64):
-        restorer = Restorer(model, RestoreSettings(min_side=64, bucket=bucket))
-        film = restorer._film
-        restorer._film = lambda state, x, b=bucket: seen.setdefault(b, np.asarray(x)) is not None and film(state, x)
+        restorer = dod_restorer(model, RestoreSettings(min_side=64, bucket=bucket))
+        film = restorer.runner._film
+        restorer.runner._film = lambda state, x, b=bucket: seen.setdefault(b, np.asarray(x)) is not None and film(state, x)
         restorer.restore([photo])
     np.testing.assert_array_equal(seen[8], seen[64])
     copy = np.asarray(model.mfm_input(jax.numpy.asarray(photo[None] * 2 - 1)))
@@ -217,15 +224,15 @@ def test_latent_tiling_runs_the_vae_whole_and_the_unet_alone_in_tiles(micro):
     whole image than pixel tiles, as only the UNet loses context."""
     _, model = micro
     image = demo_photos()["coffee"][:128, :256]
-    whole = Restorer(model, RestoreSettings(min_side=64)).restore([image])[0]
-    one_tile = Restorer(model, RestoreSettings(tiling="latent", tile=256, tile_overlap=64, tile_above=0, min_side=64))
+    whole = dod_restorer(model, RestoreSettings(min_side=64)).restore([image])[0]
+    one_tile = dod_restorer(model, RestoreSettings(tiling="latent", tile=256, tile_overlap=64, tile_above=0, min_side=64))
     np.testing.assert_array_less(np.abs(one_tile.restore([image])[0].astype(int) - whole), 2)
     settings = dict(tile=128, tile_overlap=64, tile_above=0, min_side=64)
-    latent = Restorer(model, RestoreSettings(tiling="latent", **settings))
+    latent = dod_restorer(model, RestoreSettings(tiling="latent", **settings))
     out = latent.restore([image])[0]
-    assert latent._latent._cache_size() == 1 and latent._encode_with_skips._cache_size() == 1
-    assert latent._decode_whole._cache_size() == 1 and latent._decode_tile._cache_size() == 0
-    pixel = Restorer(model, RestoreSettings(tiling="pixel", **settings)).restore([image])[0]
+    assert latent.runner._latent._cache_size() == 1 and latent.runner._encode_with_skips._cache_size() == 1
+    assert latent.runner._decode_whole._cache_size() == 1 and latent.runner._decode_tile._cache_size() == 0
+    pixel = dod_restorer(model, RestoreSettings(tiling="pixel", **settings)).restore([image])[0]
     assert psnr(out, whole) > psnr(pixel, whole)
 
 
@@ -236,7 +243,7 @@ def test_bundle_round_trip_and_what_it_refuses(micro, tmp_path):
     bundle = save_bundle(model, config, "stage2", tmp_path / "bundle")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # staging folder renamed away
     loaded = load_model(bundle, dtype="float32")
-    assert loaded.use_hde
+    assert (loaded.stage == "stage2")
     expected, got = nnx.to_pure_dict(all_trained(model)), nnx.to_pure_dict(all_trained(loaded.model))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), expected, got)
     with pytest.raises(BundleError, match="exists"):
@@ -269,10 +276,10 @@ def test_a_bundle_restores_in_bfloat16_close_to_float32(micro, tmp_path):
     for dtype in ("float32", "bfloat16"):
         loaded = load_model(bundle, dtype=dtype)
         assert loaded.model.unet.dtype == getattr(jax.numpy, dtype)
-        outputs[dtype] = Restorer(loaded.model, RestoreSettings(min_side=64)).restore([image])[0]
+        outputs[dtype] = loaded.restorer(RestoreSettings(min_side=64)).restore([image])[0]
     rounded = load_model(bundle).model
     nnx.update(rounded, jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16).astype(x.dtype), nnx.state(rounded, nnx.Param)))
-    outputs["rounded weights"] = Restorer(rounded, RestoreSettings(min_side=64)).restore([image])[0]
+    outputs["rounded weights"] = dod_restorer(rounded, RestoreSettings(min_side=64)).restore([image])[0]
     assert psnr(outputs["bfloat16"], outputs["float32"]) > psnr(outputs["rounded weights"], outputs["float32"]) - 12.0
 
 
@@ -373,14 +380,20 @@ def test_a_config_saved_before_a_key_existed_reads_with_that_keys_earlier_behavi
     key the saved config has keeps its value."""
     current = load_config(ROOT / "configs" / "dod.py").to_dict()
     old = json.loads(json.dumps(current))
+    def at(tree, dotted):
+        *sections, key = dotted.split(".")
+        for section in sections:
+            tree = tree[section]
+        return tree, key
+
     for dotted in ADDED_KEYS:
-        section, key = dotted.split(".")
-        assert key in current[section], f"{dotted} is not a key of configs/dod.py"
-        del old[section][key]
+        node, key = at(old, dotted)
+        assert key in node, f"{dotted} is not a key of configs/dod.py"
+        del node[key]
     filled = saved_config(old)
     for dotted, value in ADDED_KEYS.items():
-        section, key = dotted.split(".")
-        assert filled[section][key] == value
+        node, key = at(filled, dotted)
+        assert node[key] == value
     assert saved_config(current).to_dict() == current
 
 

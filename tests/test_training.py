@@ -16,14 +16,15 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import micro_config
 from dod_jax import parallel
-from dod_jax.dod.build import base_models
-from dod_jax.dod.model import trainable
+from dod_jax.methods.dod.build import base_models
+from dod_jax.methods.dod.model import trainable
 from dod_jax import checkpoints as ckpt
 from dod_jax.data.pipeline import TrainBatches
 from dod_jax.errors import ConfigError
-from dod_jax.training.loop import (compile_step, data_sources, fitted_units, place, run, task_ratio,
-                                     training_model)
-from dod_jax.training.steps import LOSS_WEIGHTS, Stage, learning_rate, loss_weights
+from dod_jax.methods.dod.method import training_model
+from dod_jax.training.loop import compile_step, data_sources, fitted_units, place, run, task_ratio
+from dod_jax.methods.dod.steps import LOSS_WEIGHTS, Stage, loss_weights
+from dod_jax.optim import learning_rate
 from dod_jax.losses.lpips import LPIPS
 from dod_jax.models.layers import NumpyRngs
 
@@ -37,7 +38,7 @@ def setup(stage: str, weights: dict | None = None, **train):
     if stage == "stage1":
         model = training_model(config, base)
     else:
-        from dod_jax.dod.build import build_dod
+        from dod_jax.methods.dod.build import build_dod
         model = build_dod(config, base, config.train.seed)
     lpips = LPIPS(rngs=NumpyRngs(3)) if stage == "stage1" else None
     return Stage.create(model, config.train, lpips)

@@ -12,14 +12,14 @@ import pytest
 from conftest import ROOT
 from dod_jax import adapters
 from dod_jax.configs import load_config
-from dod_jax.dod.build import base_models, build_dod
-from dod_jax.dod.hde import ESRGAN_INIT_SCALE
+from dod_jax.methods.dod.build import base_models, build_dod
+from dod_jax.methods.dod.hde import ESRGAN_INIT_SCALE
 from dod_jax.errors import ConfigError
-from dod_jax.losses.dmd import T_MAX, T_MIN, draw_timesteps_and_noise
+from dod_jax.methods.dod.dmd import T_MAX, T_MIN, draw_timesteps_and_noise
 from dod_jax.losses.lpips import LPIPS
 from dod_jax.models.layers import NumpyRngs
-from dod_jax.training.loop import training_model
-from dod_jax.training.steps import FAKE, Stage
+from dod_jax.methods.dod.method import training_model
+from dod_jax.methods.dod.steps import FAKE, Stage
 
 
 def micro_config(**train):

@@ -1,7 +1,7 @@
 """dod-jax's training steps against the authors' steps, re-stated in PyTorch from REFERENCE.md
 (tests/dod_reference.py: diffusers, peft, their module names), on the tiny config in float32,
 from the same released weights on both sides (the authors' pickles imported by
-`dod_jax.weights.official`), with AdamW (0.9, 0.999, eps 1e-8) after gradient clipping at 1.0
+`dod_jax.methods.dod.convert`), with AdamW (0.9, 0.999, eps 1e-8) after gradient clipping at 1.0
 on the clamped restoration's losses. The random draws come from one place: dod-jax's per-sample
 keys give the posterior noise, which the PyTorch side receives as it is.
 
@@ -31,14 +31,14 @@ from configs.dod import LPIPS_WEIGHTS
 from dod_jax import adapters
 from dod_jax.configs import load_config
 from dod_jax.data.demo import demo_photos
-from dod_jax.dod.official import write_official
-from dod_jax.losses.dmd import draw_timesteps_and_noise
+from dod_jax.methods.dod.official import write_official
+from dod_jax.methods.dod.dmd import draw_timesteps_and_noise
 from dod_jax.losses.lpips import load_lpips
 from dod_jax.models.layers import NumpyRngs
 from dod_jax.restore.bundle import load_model
-from dod_jax.training.steps import FAKE, Stage, add_fake_score, loss_weights
+from dod_jax.methods.dod.steps import FAKE, Stage, add_fake_score, loss_weights
 from dod_jax.weights.diffusers import to_torch_layout
-from dod_jax.weights.official import main as official_main
+from dod_jax.methods.dod.convert import main as official_main
 from dod_reference import (AUTHORS_UNET_TARGETS, AuthorsScores, AuthorsTraining, authors_model, authors_trained,
                            config_file, save_released)
 from test_training import adam_first_moments
@@ -205,8 +205,8 @@ class Paired:
     scores: AuthorsScores | None = None
 
     def draws(self, batch: dict) -> dict:
-        """`batch` with the draws dod-jax's next step makes (dod_jax.training.steps,
-        dod_jax.losses.dmd): the posterior noise, and in stage 1 DMD's and the fake score's t
+        """`batch` with the draws dod-jax's next step makes (dod_jax.methods.dod.steps,
+        dod_jax.methods.dod.dmd): the posterior noise, and in stage 1 DMD's and the fake score's t
         and noise, drawn over the authors' ranges."""
         draws = dict(batch)
         b = batch["lq"].shape[0]

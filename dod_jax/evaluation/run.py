@@ -1,8 +1,9 @@
-"""evaluate.py: a trained DOD on a test set, with the LQ input as baseline beside it.
+"""evaluate.py: trained models (of any method) on a test set, side by side, with the LQ input
+as baseline beside them.
 
-    python evaluate.py --ckpt CKPT --data ROOT --out DIR        metrics, tables, images
-    python evaluate.py --ckpt CKPT --input DIR --output DIR     restore a folder (no GT)
-    python evaluate.py --ckpt CKPT --time                        latency at 512x512
+    python evaluate.py --ckpt CKPT [CKPT ...] --data ROOT --out DIR   metrics, tables, images
+    python evaluate.py --ckpt CKPT --input DIR --output DIR           restore a folder (no GT)
+    python evaluate.py --ckpt CKPT --time                              latency at 512x512
 
 --data is an AIO-3 / AIO-5 / CDD11 root (its test split; the layout is detected, or given
 with --layout) or any folder of LQ images, with their GTs (same file stems) in --gt if there
@@ -12,9 +13,12 @@ per image. Written to --out:
     results.json            every image's and every task's numbers, the settings, what was
                             unavailable and why, and the files that could not be used
     results.md              the paper's table shapes: PSNR / SSIM per task, then every metric
-                            on average; LQ input and DOD in rows
-    restored/<task>/*.png   the restorations (8-bit; the metrics are computed on these)
-    sheets/<task>/*.png     LQ | restored | GT
+                            on average; the LQ input and each model in rows (a model's row is
+                            named by its method's label, and by its checkpoint when two models
+                            share a method)
+    restored/<task>/*.png   the restorations (8-bit; the metrics are computed on these); with
+                            several models restored/<row>/<task>/*.png
+    sheets/<task>/*.png     LQ | each model's restoration | GT
 
 PSNR and SSIM (dod_jax.losses.metrics) are computed in the colour space of --color (the
 other one is in results.json too) after cutting --crop-border pixels. LPIPS-VGG is this
@@ -41,13 +45,12 @@ from dod_jax.data import layouts
 from dod_jax.losses import metrics
 from dod_jax.errors import InputError, reported
 from dod_jax.evaluation.iqa import LOWER_IS_BETTER, PER_IMAGE, PER_SET, PyiqaMetrics
-from dod_jax.image_ops import ImageReadError, read_rgb, to_uint8, write_image
+from dod_jax.image_ops import ImageReadError, read_image, read_rgb, to_uint8, write_image
 from dod_jax.losses.lpips import load_lpips
 from dod_jax.restore import cli
 from dod_jax.restore.engine import Restorer, restored_in_batches
 
-METHODS = ("lq", "dod")
-LABELS = {"lq": "Input (LQ)", "dod": "DOD (ours)"}
+LQ_ROW = ("lq", "Input (LQ)")
 TABLE_METRICS = ("psnr", "ssim", "lpips_vgg") + PER_IMAGE + PER_SET
 
 
@@ -137,62 +140,97 @@ class Scorer:
         return out
 
 
-def evaluate(restorer: Restorer, items: list[Item], out: Path, scorer: Scorer, problems: list[str],
+@dataclasses.dataclass
+class Model:
+    """A table row restored by a model."""
+    key: str                  # its name in results.json and the restored/ folders
+    label: str                # its name in the tables
+    restorer: Restorer
+
+
+def model_rows(loaded: list) -> list[tuple[str, str]]:
+    """(key, label) of each loaded model: its method's name and label, with the checkpoint's
+    folder name added where two models share a method."""
+    names = [m.method.name for m in loaded]
+    rows = []
+    for m in loaded:
+        if names.count(m.method.name) == 1:
+            rows.append((m.method.name, m.method.label))
+        else:
+            folder = Path(m.source).name
+            rows.append((f"{m.method.name}_{folder}", f"{m.method.label} ({folder})"))
+    if len({key for key, _ in rows}) < len(rows):
+        raise InputError("two --ckpt have the same method and folder name; their rows would share a name")
+    return rows
+
+
+def evaluate(models: list[Model], items: list[Item], out: Path, scorer: Scorer, problems: list[str],
              settings: dict) -> dict:
-    """Restore and score `items`; write images, results.json and results.md into `out`."""
+    """Restore `items` with each model (writing its restorations), then score them and the LQ
+    input; write sheets, results.json and results.md into `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    rows, problems = [], list(problems)
-    skip = lambda item, error: problems.append(str(error))
-    for item, lq, gt, restored, _ in restored_in_batches(restorer, items, _read, desc="evaluate",
-                                                        skipped=(ImageReadError,), on_skip=skip):
-        images = {"lq": _quantised(lq), "dod": _quantised(restored)}
-        write_image(images["dod"], out / "restored" / item.task / f"{item.name}.png")
-        sheet = [images["lq"], images["dod"]] + ([_quantised(gt)] if gt is not None else [])
+    restored_dir = lambda model: out / "restored" / (model.key if len(models) > 1 else "")
+    unreadable = {}
+    for model in models:
+        skip = lambda item, error: unreadable.setdefault(item, str(error))
+        for item, _, _, restored, _ in restored_in_batches(model.restorer, items, _read, desc=f"evaluate {model.key}",
+                                                           skipped=(ImageReadError,), on_skip=skip):
+            write_image(_quantised(restored), restored_dir(model) / item.task / f"{item.name}.png")
+    rows, problems = [], list(problems) + list(unreadable.values())
+    keys = [LQ_ROW[0]] + [m.key for m in models]
+    for item in items:
+        if item in unreadable:
+            continue
+        lq, gt = _read(item)
+        images = {"lq": _quantised(lq)}
+        images.update({m.key: read_image(restored_dir(m) / item.task / f"{item.name}.png") for m in models})
+        sheet = list(images.values()) + ([_quantised(gt)] if gt is not None else [])
         write_image(np.concatenate(sheet, axis=1), out / "sheets" / item.task / f"{item.name}.png")
         row = {"task": item.task, "image": item.name, "lq_file": str(item.lq) if item.lq else None,
                "gt_file": str(item.gt) if item.gt else None, "sigma": item.sigma}
-        for method, image in images.items():
-            row[method] = scorer.scores(image.astype(np.float32) / 255.0, gt)
+        for key, image in images.items():
+            row[key] = scorer.scores(image.astype(np.float32) / 255.0, gt)
         rows.append(row)
         if gt is not None and scorer.pyiqa.metrics.keys() & set(PER_SET):
-            for method, image in images.items():
-                write_image(image, out / "sets" / method / item.task / f"{item.name}.png")
+            for key, image in images.items():
+                write_image(image, out / "sets" / key / item.task / f"{item.name}.png")
             write_image(_quantised(gt), out / "sets" / "gt" / item.task / f"{item.name}.png")
-    tasks = aggregate(rows)
+    tasks = aggregate(rows, keys)
     for name in PER_SET:
         for task in list(tasks):
             if task == "average" or not (out / "sets" / "gt" / task).is_dir():
                 continue
-            for method in METHODS:
-                value = scorer.pyiqa.set_score(name, out / "sets" / method / task, out / "sets" / "gt" / task)
+            for key in keys:
+                value = scorer.pyiqa.set_score(name, out / "sets" / key / task, out / "sets" / "gt" / task)
                 if value is not None:
-                    tasks[task][method][name] = value
+                    tasks[task][key][name] = value
     if len(tasks) > 1:
-        tasks["average"] = average(tasks)
+        tasks["average"] = average(tasks, keys)
     unavailable = dict(scorer.pyiqa.unavailable)
     if scorer.lpips_missing:
         unavailable["lpips_vgg"] = scorer.lpips_missing
     results = {"settings": settings, "color": scorer.color, "crop_border": scorer.crop_border,
+               "rows": dict([LQ_ROW] + [(m.key, m.label) for m in models]),
                "tasks": tasks, "images": rows, "unavailable": unavailable, "problems": problems}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
     return results
 
 
-def aggregate(rows: list[dict]) -> dict:
-    """Mean of every score per task and method."""
+def aggregate(rows: list[dict], keys: list[str]) -> dict:
+    """Mean of every score per task and table row (`keys`)."""
     tasks = {}
     for task in dict.fromkeys(r["task"] for r in rows):
         mine = [r for r in rows if r["task"] == task]
         tasks[task] = {m: {k: float(np.mean([r[m][k] for r in mine if k in r[m]]))
-                           for k in dict.fromkeys(k for r in mine for k in r[m])} for m in METHODS}
+                           for k in dict.fromkeys(k for r in mine for k in r[m])} for m in keys}
     return tasks
 
 
-def average(tasks: dict) -> dict:
+def average(tasks: dict, keys: list[str]) -> dict:
     """Mean over tasks of each per-task mean (every task weighs the same, as the papers average)."""
     return {m: {k: float(np.mean([t[m][k] for t in tasks.values() if k in t[m]]))
-                for k in dict.fromkeys(k for t in tasks.values() for k in t[m])} for m in METHODS}
+                for k in dict.fromkeys(k for t in tasks.values() for k in t[m])} for m in keys}
 
 
 def _cell(values: dict, key: str, digits: int) -> str:
@@ -205,18 +243,18 @@ def markdown(results: dict) -> str:
     columns = names + (["average"] if "average" in tasks else [])
     lines = [f"PSNR (dB) / SSIM, {results['color'].upper()}, crop border {results['crop_border']}", "",
              "| Method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for m in METHODS:
+    for m, label in results["rows"].items():
         cells = [f"{_cell(tasks[c][m], 'psnr', 2)} / {_cell(tasks[c][m], 'ssim', 4)}" for c in columns]
-        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     summary = tasks.get("average", tasks[names[0]]) if names else {}
     arrows = {k: "↓" if k in LOWER_IS_BETTER or k == "lpips_vgg" else "↑" for k in TABLE_METRICS}
     header = " | ".join(f"{k.upper().replace('_VGG', '-VGG')} {arrows[k]}" for k in TABLE_METRICS)
     lines += ["", f"All metrics, {'average over tasks' if 'average' in tasks else columns[0] if columns else ''}", "",
               f"| Method | {header} |", "|---|" + "---|" * len(TABLE_METRICS)]
-    for m in METHODS:
+    for m, label in results["rows"].items():
         values = summary.get(m, {})
         digits = {"psnr": 2, "fid": 2, "musiq": 2, "niqe": 4}
-        lines.append(f"| {LABELS[m]} | " + " | ".join(_cell(values, k, digits.get(k, 4)) for k in TABLE_METRICS) + " |")
+        lines.append(f"| {label} | " + " | ".join(_cell(values, k, digits.get(k, 4)) for k in TABLE_METRICS) + " |")
     if results["unavailable"]:
         lines += ["", "— unavailable:"] + [f"- {k}: {v}" for k, v in results["unavailable"].items()]
     if results["problems"]:
@@ -228,7 +266,7 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
-    cli.add_settings_arguments(parser)
+    cli.add_settings_arguments(parser, several=True)
     parser.add_argument("--data", type=Path, help="a test-set root (AIO-3 / AIO-5 / CDD11) or a folder of LQ images")
     parser.add_argument("--layout", default="auto", choices=("auto", "folder", *layouts.LAYOUT_TASKS))
     parser.add_argument("--tasks", nargs="*", help="only these tasks of the layout")
@@ -252,6 +290,8 @@ def main(argv=None) -> int:
         parser.error("give one of --data (evaluate), --input (restore) or --time")
     if args.input and not args.output:
         parser.error("--input needs --output")
+    if (args.input or args.time) and len(args.ckpt) > 1:
+        parser.error("--input and --time take one --ckpt")
     if args.data and not args.out:
         parser.error("--data needs --out")
     with reported(parser.prog):
@@ -262,19 +302,21 @@ def main(argv=None) -> int:
 def run_mode(args) -> int:
     """The mode the arguments ask for (restore a folder, time, or evaluate) -> exit status."""
     if args.input:
-        return cli.restore_command(args, [args.input], args.output)
-    restorer, settings, loaded = cli.restorer_from(args)
+        return cli.restore_command(args, [args.input], args.output, args.ckpt[0])
     if args.time:
-        report = [restorer.time(args.time_size, 1, args.time_runs, args.time_warmup),
-                  restorer.time(args.time_size, 1, args.time_runs, args.time_warmup, merged=True)]
-        if restorer.settings.batch_size > 1:
-            report.append(restorer.time(args.time_size, restorer.settings.batch_size, args.time_runs, args.time_warmup))
+        restorer, _, loaded = cli.restorer_from(args, args.ckpt[0])
+        if not hasattr(restorer.runner, "timings"):
+            raise InputError(f"--time: method {loaded.method.name} has no timing")
+        report = restorer.runner.timings(args.time_size, restorer.settings.batch_size, args.time_runs,
+                                         args.time_warmup)
         for r in report:
-            print(f"{r['device']}: {r['size']}x{r['size']}, batch {r['batch']}, "
-                  f"{'merged' if r['merged_clora'] else 'unmerged'} CLoRA: {r['seconds_per_image'] * 1e3:.1f} ms "
-                  f"per image, {r['images_per_second']:.2f} images/s")
+            print(f"{r['device']}: {r['size']}x{r['size']}, batch {r['batch']}, {r['variant']}: "
+                  f"{r['seconds_per_image'] * 1e3:.1f} ms per image, {r['images_per_second']:.2f} images/s")
         print(json.dumps(report, indent=2))
         return 0
+    loaded = [cli.restorer_from(args, ckpt) for ckpt in args.ckpt]  # (restorer, settings, Loaded) each
+    models = [Model(key, label, restorer)
+              for (key, label), (restorer, _, _) in zip(model_rows([m for _, _, m in loaded]), loaded)]
     layout = detect_layout(args.data) if args.layout == "auto" else args.layout
     items, problems = (folder_items(args.data, args.gt) if layout == "folder"
                        else layout_items(args.data, layout, tuple(args.tasks) if args.tasks else None))
@@ -282,10 +324,10 @@ def run_mode(args) -> int:
     if not items:
         raise InputError(f"{args.data}: no test images found (layout {layout})"
                          + (f": {'; '.join(problems[:3])}" if problems else ""))
-    lpips_weights = args.lpips_weights or loaded.config.train.lpips_weights
+    lpips_weights = args.lpips_weights or loaded[0][2].config.train.lpips_weights
     scorer = Scorer(args.color, args.crop_border, lpips_weights, PyiqaMetrics(args.pyiqa or ()))
-    results = evaluate(restorer, items, args.out, scorer, problems,
-                       dict(settings, data=str(args.data), layout=layout))
+    settings = loaded[0][1] if len(models) == 1 else {m.key: s for m, (_, s, _) in zip(models, loaded)}
+    results = evaluate(models, items, args.out, scorer, problems, dict(settings, data=str(args.data), layout=layout))
     print((args.out / "results.md").read_text())
     if results["problems"]:
         print(f"{len(results['problems'])} problem(s):\n  " + "\n  ".join(results["problems"]), file=sys.stderr)

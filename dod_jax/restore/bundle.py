@@ -1,10 +1,12 @@
-"""A trained DOD, loadable in one call: from a restore bundle or a training checkpoint.
+"""A trained model of any method (config.method, dod_jax.methods), loadable in one call: from
+a restore bundle or a training checkpoint.
 
 A restore bundle is a folder:
 
-    bundle.json         format, the training stage, the config (JSON) and the identity of the
-                        base weights (path, size and sha256 of the SD, ADM and prompt files)
-    params.safetensors  every parameter DOD's stages train, flattened to '/'-joined names
+    bundle.json         format, the training stage, the config (JSON, its `method` included)
+                        and the identity of the base weights (path, size and sha256 of each
+                        file the method's base_files name: DOD's SD, ADM and prompt files)
+    params.safetensors  every parameter the method's stages train, flattened to '/'-joined names
 
 It holds what was trained, not the base weights; `load_model` finds those where the config
 says (or where `base` overrides say) and names every file that is missing or differs in size.
@@ -27,12 +29,12 @@ from flax import nnx, traverse_util
 from ml_collections import ConfigDict
 from safetensors.numpy import load_file, save_file
 
+from dod_jax import methods
 from dod_jax.checkpoints import CheckpointError, load_trained_params, locate
 from dod_jax.configs import saved_config
-from dod_jax.dod.build import BASE_FILES, base_identity, base_models, build_dod
-from dod_jax.dod.model import ALL_TRAINED, DOD, all_trained
 from dod_jax.errors import InputError
 from dod_jax.files import atomic_folder
+from dod_jax.restore.engine import Restorer, RestoreSettings
 
 FORMAT = "dod-jax restore bundle"
 VERSION = 2  # 2: the trained conv_in is held whole (unet/conv_in/adapters/gen/copy), not as a delta
@@ -45,18 +47,26 @@ class BundleError(InputError):
 
 @dataclasses.dataclass
 class Loaded:
-    model: DOD
+    built: methods.Built  # the model and what else building it read (DOD: the base's prompt embeddings)
     config: ConfigDict
-    stage: str           # the stage that produced the parameters: stage1 restores without DEMs
+    stage: str            # the stage that produced the parameters (DOD: stage1 restores without DEMs)
     source: str
-    prompts: dict        # the base's prompt embeddings ('prompt', 'negative_prompt'), as loaded
 
     @property
-    def use_hde(self) -> bool:
-        return self.stage == "stage2"
+    def model(self):
+        return self.built.model
+
+    @property
+    def method(self) -> methods.Method:
+        return methods.of(self.config)
+
+    def restorer(self, settings: RestoreSettings | None = None, **kw) -> Restorer:
+        """The restore engine with this model's runner; `kw` goes to Restorer (status)."""
+        settings = settings or RestoreSettings()
+        return Restorer(self.method.runner(self.built, self.config, self.stage, settings.seed), settings, **kw)
 
 
-def save_bundle(model: DOD, config, stage: str, out: str | os.PathLike, *,
+def save_bundle(model, config, stage: str, out: str | os.PathLike, *,
                 files: dict[str, Callable[[Path], object]] | None = None, provenance: dict | None = None) -> Path:
     """Write `model`'s trained parameters and the base identity as a bundle folder, atomically
     (written beside `out` and renamed into place). `files` {name: write(path)} puts base files
@@ -65,7 +75,8 @@ def save_bundle(model: DOD, config, stage: str, out: str | os.PathLike, *,
     out = Path(out).resolve()
     if out.exists():
         raise BundleError(f"{out} exists; choose a new folder for the bundle")
-    flat = _flat_names(nnx.to_pure_dict(all_trained(model)))
+    method = methods.of(config)
+    flat = _flat_names(nnx.to_pure_dict(nnx.state(model, method.trained)))
     meta = {"format": FORMAT, "version": VERSION, "stage": stage, "config": json.loads(config.to_json())}
     if provenance:
         meta["provenance"] = provenance
@@ -74,7 +85,7 @@ def save_bundle(model: DOD, config, stage: str, out: str | os.PathLike, *,
     def fill(staging: Path):
         for name, write in (files or {}).items():
             write(staging / name)
-        meta["base"] = base_identity(config, root=staging)
+        meta["base"] = method.base_identity(config, root=staging)
         save_file(tensors, str(staging / PARAMS_FILE))
         (staging / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
 
@@ -83,12 +94,15 @@ def save_bundle(model: DOD, config, stage: str, out: str | os.PathLike, *,
 
 
 def load_model(path: str | os.PathLike, *, dtype: str = "auto", base: dict[str, str] | None = None,
-               dod: dict | None = None) -> Loaded:
-    """DOD with trained parameters from `path`: a bundle folder, a training run's workdir, its
-    checkpoints folder, or one step's folder. `dtype`: float32, bfloat16, or auto (bfloat16 on
-    accelerators, float32 on CPU). `base`: {'sd'|'adm'|'prompts': path} overriding where the
-    base weights are, and {'attention': name} how they compute attention (base.attention). `dod`: entries of the config's dod section to run the model with
-    instead (how it restores, e.g. a preset's MFM input; not what the weights are)."""
+               preset: str | None = None, sections: dict[str, dict] | None = None) -> Loaded:
+    """The model of the saved config's method with trained parameters from `path`: a bundle
+    folder, a training run's workdir, its checkpoints folder, or one step's folder. `dtype`:
+    float32, bfloat16, or auto (bfloat16 on accelerators, float32 on CPU). `base`: {key: path}
+    overriding where the base weights are (DOD: 'sd', 'adm', 'prompts'), and {'attention': name}
+    how they compute attention (base.attention). `preset`: one of the method's presets, whose
+    config part is applied (its restore settings are the caller's: methods.preset).
+    `sections`: {section: {key: value}} of the config to run the model with instead (how it
+    restores, e.g. DOD's latent; not what the weights are)."""
     path = Path(path).resolve()
     if not path.exists():
         raise BundleError(f"{path}: no such bundle or checkpoint")
@@ -97,24 +111,26 @@ def load_model(path: str | os.PathLike, *, dtype: str = "auto", base: dict[str, 
     else:
         meta = _checkpoint_meta(path)
     config = saved_config(meta["config"])
+    method = methods.of(config)
     if (path / BUNDLE_FILE).is_file():
-        for key in BASE_FILES:
+        for key in method.base_files:
             if config.base[key]:
                 config.base[key] = str(_in_bundle(config.base[key], path))
     for key, value in (base or {}).items():
         if value:
             config.base[key] = str(value)
-    _check_base(config, meta["base"], path)
-    config.dod.update(dod or {})
+    _check_base(config, method.base_files, meta["base"], path)
+    for changes in (methods.preset(method, preset)["config"], sections or {}):
+        for section, values in changes.items():
+            config[section].update(values)
     if dtype == "auto":
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    base = base_models(config, dtype=dtype)
-    model = build_dod(config, base, config.train.seed)
+    built = method.build(config, dtype=dtype)
     if (path / BUNDLE_FILE).is_file():
-        _fill_from_bundle(model, path / PARAMS_FILE)
+        _fill_from_bundle(built.model, method.trained, path / PARAMS_FILE)
     else:
-        load_trained_params(model, path, ALL_TRAINED, ALL_TRAINED)
-    return Loaded(model, config, meta["stage"], str(path), base.prompt_embeddings)
+        load_trained_params(built.model, path, method.trained, method.trained)
+    return Loaded(built, config, meta["stage"], str(path))
 
 
 def _read_bundle_meta(path: Path) -> dict:
@@ -142,13 +158,14 @@ def _in_bundle(path: str | os.PathLike, bundle: Path) -> Path:
     return path if path.is_absolute() else bundle / path
 
 
-def _check_base(config, recorded: dict, source: Path):
-    """Every base weights file the parameters were trained on is where the config says, with
-    the recorded size (a full sha256 check is `dod_jax.dod.build.file_identity`)."""
+def _check_base(config, base_files: dict[str, str], recorded: dict, source: Path):
+    """Every base weights file (config.base keys: `base_files`) the parameters were trained on
+    is where the config says, with the recorded size (a full sha256 check is
+    `dod_jax.files.file_identity`)."""
     if config.base.random_seed >= 0:
         return
     problems = []
-    for key, what in BASE_FILES.items():
+    for key, what in base_files.items():
         where = Path(config.base[key] or "")
         if not config.base[key] or not where.exists():
             problems.append(f"{what} (base.{key}) is missing: looked for {where or 'no path'}")
@@ -175,12 +192,14 @@ def _flat_names(tree: dict) -> dict:
     return {_name(k): v for k, v in traverse_util.flatten_dict(tree).items()}
 
 
-def _fill_from_bundle(model: DOD, file: Path):
+def _fill_from_bundle(model, trained, file: Path):
+    """Put the parameters the NNX filter `trained` selects from a bundle's safetensors file
+    into `model`; every one must be there in its shape, and nothing else."""
     try:
         tensors = load_file(str(file))
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise BundleError(f"{file}: not a readable safetensors file ({e})") from e
-    state = all_trained(model)
+    state = nnx.state(model, trained)
     paths = traverse_util.flatten_dict(nnx.to_pure_dict(state))
     wanted = {_name(k): v for k, v in paths.items()}
     missing = sorted(set(wanted) - set(tensors))

@@ -18,18 +18,17 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 from PIL import Image
 from tqdm import tqdm
 
-from dod_jax import compilation_cache
+from dod_jax import compilation_cache, methods
 from dod_jax.data.layouts import IMAGE_SUFFIXES
 from dod_jax.errors import InputError, reported
 from dod_jax.image_ops import READ_FAILURES, ImageReadError, read_image, write_image
 from dod_jax.restore.bundle import Loaded, load_model
 from dod_jax.restore.color import COLOR_FIXES
-from dod_jax.dod.images import FITS
-from dod_jax.restore.engine import PRESETS, TILINGS, Restorer, RestoreSettings, restored_in_batches
+from dod_jax.restore.engine import TILINGS, Restorer, RestoreSettings, restored_in_batches
+from dod_jax.restore.images import FITS
 
 LOG_FILE = "restore_log.json"
 
@@ -80,11 +79,12 @@ def restore_files(restorer: Restorer, files: list[tuple[Path, Path]], output: Pa
     return records
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser):
-    """Options shared by `restore` and `evaluate.py`: the model and how it restores."""
+def add_settings_arguments(parser: argparse.ArgumentParser, several: bool = False):
+    """Options shared by `restore` and `evaluate.py` (`several` models): the model and how it restores."""
     defaults = RestoreSettings()
-    parser.add_argument("--ckpt", required=True, type=Path,
-                        help="a restore bundle, or a training run's workdir / checkpoints folder / step folder")
+    parser.add_argument("--ckpt", required=True, type=Path, nargs="+" if several else None,
+                        help="a restore bundle, or a training run's workdir / checkpoints folder / step folder"
+                             + (" (several: one table row each)" if several else ""))
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="compute dtype; auto = bfloat16 on accelerators, float32 on CPU")
     parser.add_argument("--sd", help="the SD 2.1-base folder, if not where the checkpoint says")
@@ -110,35 +110,34 @@ def add_settings_arguments(parser: argparse.ArgumentParser):
                         "latent tiles of the UNet alone (the authors'); " + model_default.format("tiling", defaults.tiling))
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help="the posterior noise when the model samples its latent (dod.latent 'sample')")
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="official: the authors' inference (Lanczos resize to multiples of 8, latent tiling of "
-                             "the UNet, the MFM on a bicubic 256 x 256 copy, a posterior sample); the flags above "
-                             "still take precedence")
+    parser.add_argument("--preset", choices=methods.preset_names(),
+                        help="a preset of the model's method; DOD's official: the authors' inference (Lanczos resize "
+                             "to multiples of 8, latent tiling of the UNet, the MFM on a bicubic 256 x 256 copy, a "
+                             "posterior sample); the flags above still take precedence")
     compilation_cache.add_argument(parser)
 
 
 SETTING_FLAGS = ("bucket", "tile", "tile_overlap", "tile_above", "color_fix", "min_side", "fit", "tiling")
 
 
-def settings_from(args, config) -> RestoreSettings:
+def settings_from(args, loaded: Loaded) -> RestoreSettings:
     """The model config's restore settings, then the preset's, then what the command line sets."""
     given = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None}
-    preset = PRESETS[args.preset]["restore"] if args.preset else {}
-    return RestoreSettings.from_config(config, batch_size=args.batch_size, seed=args.seed, **{**preset, **given})
+    preset = methods.preset(loaded.method, args.preset)["restore"]
+    return RestoreSettings.from_config(loaded.config, batch_size=args.batch_size, seed=args.seed,
+                                       **{**preset, **given})
 
 
-def restorer_from(args) -> tuple[Restorer, dict, Loaded]:
-    """The Restorer the arguments describe, a record of its settings for logs, and the loaded
-    model with its config."""
-    loaded = load_model(args.ckpt, dtype=args.dtype,
-                        base={"sd": args.sd, "adm": args.adm, "prompts": args.prompts, "attention": args.attention},
-                        dod=PRESETS[args.preset]["dod"] if args.preset else None)
-    restorer = Restorer(loaded.model, settings_from(args, loaded.config), use_hde=loaded.use_hde)
-    dod = loaded.config.dod
-    settings = {"ckpt": loaded.source, "stage": loaded.stage, "dtype": jnp.dtype(loaded.model.unet.dtype).name,
+def restorer_from(args, ckpt: Path | None = None) -> tuple[Restorer, dict, Loaded]:
+    """The Restorer the arguments describe (of `ckpt`, default args.ckpt), a record of its
+    settings for logs, and the loaded model with its config."""
+    ckpt = ckpt or args.ckpt
+    loaded = load_model(ckpt, dtype=args.dtype, preset=args.preset,
+                        base={"sd": args.sd, "adm": args.adm, "prompts": args.prompts, "attention": args.attention})
+    restorer = loaded.restorer(settings_from(args, loaded))
+    settings = {"ckpt": loaded.source, "method": loaded.method.name, "stage": loaded.stage,
                 "device": str(jax.devices()[0]), "preset": args.preset, **vars(restorer.settings),
-                "latent": dod.latent, "mfm_size": dod.mfm_size, "mfm_resize": loaded.model.mfm_resize,
-                "attention": loaded.config.base.attention}
+                **loaded.method.describe(loaded.model, loaded.config)}
     return restorer, settings, loaded
 
 
@@ -153,11 +152,11 @@ def main(argv=None) -> int:
         return restore_command(args, args.inputs, args.output)
 
 
-def restore_command(args, inputs: list[Path], output: Path) -> int:
-    """Restore `inputs` into `output` with the model and settings of `args`; writes the log.
-    Returns the exit status: 1 when any file failed."""
+def restore_command(args, inputs: list[Path], output: Path, ckpt: Path | None = None) -> int:
+    """Restore `inputs` into `output` with the model (`ckpt`, default args.ckpt) and settings of
+    `args`; writes the log. Returns the exit status: 1 when any file failed."""
     files = input_files(inputs)
-    restorer, settings, _ = restorer_from(args)
+    restorer, settings, _ = restorer_from(args, ckpt)
     records = restore_files(restorer, files, output)
     failed = [r for r in records if r["status"] != "ok"]
     log = {"settings": settings, "files": records, "restored": len(records) - len(failed), "failed": len(failed)}

@@ -22,47 +22,20 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
 from dod_jax import checkpoints as ckpt
-from dod_jax import parallel
+from dod_jax import methods, parallel
 from dod_jax.data import layouts
 from dod_jax.data.demo import write_demo_set
 from dod_jax.data.pipeline import (STAGE1_RATIO, STAGE2_RATIO, TrainBatches, parse_ratio, ratio_text,
                                    sources_from_pairs)
 from dod_jax.errors import ConfigError
-from dod_jax.dod.build import BaseModels, base_identity, base_models, build_dod, same_base, storage_dtype
-from dod_jax.dod.model import ALL_TRAINED, all_trained, trainable
+from dod_jax.files import same_base
 from dod_jax.image_ops import to_uint8
-from dod_jax.losses.lpips import load_lpips
-from dod_jax.models.layers import NumpyRngs
+from dod_jax.methods import TrainingSteps
 from dod_jax.training.plots import plot_losses, read_log
-from dod_jax.training.steps import Frozen, Stage, TrainState, add_fake_score
-
-def training_model(config, base: BaseModels, *, load_stage1: bool = True):
-    """DOD for `config.train.stage`: stage 1 adds the fake score; stage 2 starts from the
-    stage-1 checkpoint in train.init_from (with load_stage1=False, from fresh stage-1 parts:
-    the shapes alone, for planning)."""
-    model = build_dod(config, base, config.train.seed)
-    stage = config.train.stage
-    if stage == "stage1":
-        if "negative_prompt" not in base.prompt_embeddings:
-            raise ConfigError(f"{config.base.prompts}: holds no negative_prompt embedding, which stage 1's DMD "
-                              "real score needs (python -m dod_jax.dod.prompts writes both)")
-        add_fake_score(model, base.prompt_embeddings["negative_prompt"], rank=config.train.fake_rank,
-                       targets=config.dod.unet_targets, rngs=NumpyRngs(config.train.seed + 2),
-                       scope=config.train.fake_scope)
-    elif stage == "stage2":
-        if not load_stage1:
-            return model
-        if not config.train.init_from:
-            raise ConfigError("stage 2 starts from a stage-1 run: set train.init_from to its checkpoints directory")
-        ckpt.load_trained_params(model, config.train.init_from, trainable("stage1"), ALL_TRAINED)
-    else:
-        raise ConfigError(f"train.stage must be 'stage1' or 'stage2', got {stage!r}")
-    return model
 
 
 def task_ratio(config) -> dict[str, int]:
@@ -126,17 +99,17 @@ class CompiledStep:
     frozen_shardings: Any
 
 
-def compile_step(stage: Stage, state: TrainState, frozen: Frozen, mesh, rules=None, shard_frozen=False) -> CompiledStep:
-    """stage.train_step under jax.jit on `mesh`, the batch split over ('data', 'fsdp'), the
+def compile_step(steps: TrainingSteps, state, frozen, mesh, rules=None, shard_frozen=False) -> CompiledStep:
+    """steps.train_step under jax.jit on `mesh`, the batch split over ('data', 'fsdp'), the
     trained state donated, every layer's output split by sample (models.layers.batch_sharded).
-    Replicated, or with shard_frozen FSDP: the frozen model, LPIPS and the large trained tensors
-    (parameters and both optimiser states: ZeRO) split by `rules` and parallel.spec_for's
-    fallback; large tensors no dimension lets it cut are named in a log line."""
+    Replicated, or with shard_frozen FSDP: the frozen networks (the method's base, its loss
+    networks) and the large trained tensors (parameters and optimiser states: ZeRO) split by
+    `rules` and parallel.spec_for's fallback; large tensors no dimension lets it cut are named
+    in a log line."""
     sharded = rules if shard_frozen else None
     # ZeRO for the large trained tensors only: splitting a LoRA matrix saves nothing worth its gathers
     state_sh = parallel.tree_shardings(state, mesh, sharded, min_size=parallel.MIN_SHARDED)
-    frozen_sh = Frozen(parallel.tree_shardings(frozen.model, mesh, sharded),
-                       parallel.tree_shardings(frozen.lpips, mesh, sharded))
+    frozen_sh = parallel.tree_shardings(frozen, mesh, sharded)
     if sharded is not None:
         whole = parallel.kept_whole(frozen, frozen_sh) + parallel.kept_whole(state, state_sh)
         if whole:
@@ -148,7 +121,7 @@ def compile_step(stage: Stage, state: TrainState, frozen: Frozen, mesh, rules=No
 
     def train_step(state, frozen, batch):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # layers keep activations split by sample
-            return stage.train_step(state, frozen, batch)
+            return steps.train_step(state, frozen, batch)
 
     step = jax.jit(train_step, in_shardings=(state_sh, frozen_sh, batch_sh),
                    out_shardings=(state_sh, replicated, batch_sh), donate_argnums=(0,))
@@ -178,11 +151,12 @@ def run(config, workdir, *, stop_at: int | None = None) -> dict:
     devices = jax.devices()[:config.parallel.devices] if config.parallel.devices else jax.devices()
     mesh = parallel.make_mesh(config.parallel.data, config.parallel.fsdp, devices)
 
-    base, identity = base_models(config), base_identity(config)
-    model = training_model(config, base)
-    lpips = load_lpips(tc.lpips_weights, param_dtype=storage_dtype(config)) if tc.stage == "stage1" else None
-    stage, state, frozen = Stage.create(model, tc, lpips)
-    compiled = compile_step(stage, state, frozen, mesh, parallel.rules_dict(config.parallel.rules),
+    method = methods.of(config)
+    if tc.stage not in method.stages:
+        raise ConfigError(f"train.stage must be one of {method.stages} for method {method.name}, got {tc.stage!r}")
+    identity = method.base_identity(config)
+    steps, state, frozen = method.training(config)
+    compiled = compile_step(steps, state, frozen, mesh, parallel.rules_dict(config.parallel.rules),
                             config.parallel.shard_frozen)
     frozen = place(frozen, compiled.frozen_shardings)
 
@@ -235,7 +209,7 @@ def run(config, workdir, *, stop_at: int | None = None) -> dict:
             if done % tc.sample_every == 0 or done == end:
                 logger.samples(done, local, restored)
             if done % tc.checkpoint_every == 0 or done == end or stop.requested:
-                save(checkpoints, done, state, stage, frozen, iterator, meta, metrics)
+                save(checkpoints, done, state, steps, frozen, iterator, meta, metrics)
             if stop.requested:
                 break
     finally:
@@ -244,15 +218,12 @@ def run(config, workdir, *, stop_at: int | None = None) -> dict:
         checkpoints.close()
         logger.close()
     return {"stage": tc.stage, "start": start, "step": int(state.step), "batch": batches.batch_size * jax.process_count(),
-            "losses": losses,
-            "skipped": int(state.skipped), "fake_skipped": int(state.fake_skipped),
-            "workdir": str(workdir), "interrupted": stop.requested}
+            "losses": losses, **steps.counters(state), "workdir": str(workdir), "interrupted": stop.requested}
 
 
-def save(checkpoints, step, state, stage: Stage, frozen, iterator, meta, metrics):
+def save(checkpoints, step, state, steps: TrainingSteps, frozen, iterator, meta, metrics):
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    checkpoints.save(step, state, nnx.to_pure_dict(all_trained(stage.merge(state, frozen))), iterator.get_state(), meta,
-                     values)
+    checkpoints.save(step, state, steps.trained_params(state, frozen), iterator.get_state(), meta, values)
 
 
 class StopSignal:

@@ -29,12 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dod_jax import parallel
-from dod_jax.dod.build import DTYPES, shaped_base, storage_dtype
+from dod_jax import methods
 from dod_jax.errors import ConfigError
-from dod_jax.losses.lpips import LPIPS
-from dod_jax.models.layers import FixedKeyRngs, remat_mode
-from dod_jax.training.loop import compile_step, training_model
-from dod_jax.training.steps import Stage
+from dod_jax.models.layers import remat_mode
+from dod_jax.training.loop import compile_step
 
 GIB = 2 ** 30
 # Memory per chip and peak dense bfloat16 FLOP/s per chip (Google Cloud's TPU pages).
@@ -67,23 +65,10 @@ def chip_of(topology: str) -> tuple[int | None, float | None]:
     return CHIPS.get(topology.split(":")[0], (None, None))
 
 
-def abstract_stage(config) -> tuple[Stage, object, object]:
-    """(Stage, state, frozen) of config.train.stage with ShapeDtypeStructs for values: the base
-    built in the config's shapes and compute dtype without weights, DOD's trained parts and
-    (stage 1) the fake score's LoRA and LPIPS."""
-    tc, holder = config.train, []
-
-    def make():
-        rngs = FixedKeyRngs()
-        model = training_model(config, shaped_base(config, rngs, dtype=DTYPES[tc.dtype], remat=tc.remat),
-                               load_stage1=False)
-        lpips = LPIPS(param_dtype=storage_dtype(config), rngs=rngs) if tc.stage == "stage1" else None
-        stage, state, frozen = Stage.create(model, tc, lpips)
-        holder.append(stage)
-        return state, frozen
-
-    state, frozen = jax.eval_shape(make)
-    return holder[0], state, frozen
+def abstract_stage(config):
+    """(steps, state, frozen) of config.train.stage with ShapeDtypeStructs for values (the
+    method's shaped_training: no weights read)."""
+    return methods.of(config).shaped_training(config)
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
@@ -160,10 +145,10 @@ def plan_step(config, topology: str, per_chip_batch: int, devices=None, status=p
     mesh = parallel.make_mesh(config.parallel.data, config.parallel.fsdp, devices)
     tc = config.train
     status(f"{tc.stage}: building the model's shapes ...")
-    stage, state, frozen = abstract_stage(config)
+    steps, state, frozen = abstract_stage(config)
     batch_size = per_chip_batch * mesh.size
     image = jax.ShapeDtypeStruct((batch_size, tc.crop, tc.crop, 3), jnp.float32)
-    step = compile_step(stage, state, frozen, mesh, parallel.rules_dict(config.parallel.rules), config.parallel.shard_frozen)
+    step = compile_step(steps, state, frozen, mesh, parallel.rules_dict(config.parallel.rules), config.parallel.shard_frozen)
     status(f"{tc.stage}: compiling the step for {topology} (mesh {dict(mesh.shape)}) ...")
     start = time.perf_counter()
     batch = {"lq": image, "gt": image}
@@ -202,7 +187,7 @@ def main(argv=None) -> int:
                                      epilog="Any config value can follow as --config.<key>=<value>.")
     parser.add_argument("--config", default="configs/aio3.py", help="a config file (get_config())")
     parser.add_argument("--topology", required=True, help="a TPU slice (v5e:2x2, v5e:4x4, v4:2x2x2, ...) or cpu:N")
-    parser.add_argument("--stage", nargs="+", default=["stage1", "stage2"], choices=["stage1", "stage2"])
+    parser.add_argument("--stage", nargs="+", help="the stages to plan (default: every stage of the config's method)")
     parser.add_argument("--per-chip-batch", type=int, default=1, help="crops per device (the global batch is this x devices)")
     parser.add_argument("--json", help="also write the plans to this file")
     args, rest = parser.parse_known_args(argv)
@@ -213,7 +198,7 @@ def main(argv=None) -> int:
     with reported(parser.prog):
         config = apply_overrides(load_config(args.config), [a[len("--config."):] for a in rest])
         devices = topology_devices(args.topology)
-        for stage in args.stage:
+        for stage in args.stage or methods.of(config).stages:
             config.train.stage = stage
             plan = plan_step(config, args.topology, args.per_chip_batch, devices, status=lambda s: print(s, flush=True))
             print(plan.line(), flush=True)

@@ -5,7 +5,7 @@ or restore.
 
 Computing them needs the pipeline's text_encoder/ and tokenizer/ folders and transformers:
 
-    python -m dod_jax.dod.prompts --pipeline PATH/stable-diffusion-2-1-base --out prompts.safetensors \\
+    python -m dod_jax.methods.dod.prompts --pipeline PATH/stable-diffusion-2-1-base --out prompts.safetensors \\
         --prompt "" --negative-prompt ""
 """
 

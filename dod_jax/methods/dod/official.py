@@ -14,7 +14,7 @@ The authors' code saves two dicts (REFERENCE.md, "The authors' code in detail"):
 `official_entries` lists, for a DOD model, every trained parameter's place in those dicts (the
 file, the dict, the key, the PyTorch layout); `read_official` fills a model from the two
 dicts with every tensor accounted for, `write_official` produces them. Tensors are NumPy
-arrays in PyTorch's layouts; reading and writing the files is dod_jax.weights.official's.
+arrays in PyTorch's layouts; reading and writing the files is dod_jax.methods.dod.convert's.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from dod_jax import adapters
-from dod_jax.dod.model import DOD, GENERATOR, all_trained
+from dod_jax.methods.dod.model import DOD, GENERATOR, all_trained
 from dod_jax.weights.diffusers import (WeightsError, WeightsMismatchError, from_torch_layout, to_torch_layout,
                                       torch_layout_shape)
 

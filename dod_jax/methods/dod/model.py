@@ -7,7 +7,7 @@
     x0    = (z - sqrt(1 - abar) eps) / sqrt(abar)
     image = VAE_dec(x0 / scaling_factor) with a DEM before each up-block
 
-Images are NHWC in [-1, 1] with sides that are multiples of 8 (dod_jax.dod.images handles
+Images are NHWC in [-1, 1] with sides that are multiples of 8 (dod_jax.restore.images handles
 any other input). The base SD, VAE and ADM weights are frozen; what each training stage
 trains is named by STAGE_GROUPS.
 """
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dod_jax import adapters
-from dod_jax.dod.hde import HDE
-from dod_jax.dod.modulator import UNET_GROUPS, Modulator, unet_block_group
+from dod_jax.methods.dod.hde import HDE
+from dod_jax.methods.dod.modulator import UNET_GROUPS, Modulator, unet_block_group
 from dod_jax.errors import ConfigError
 from dod_jax.models.adm import ADMEncoder
 from dod_jax.models.layers import normal_per_sample
@@ -182,7 +182,7 @@ class DOD(nnx.Module):
 def _check_size(shape):
     if len(shape) != 4 or shape[-1] != 3 or shape[1] % 8 or shape[2] % 8:
         raise ValueError(f"DOD takes (B, H, W, 3) images with H and W multiples of 8, got {tuple(shape)}; "
-                         "dod_jax.dod.images.restore_image pads any image")
+                         "dod_jax.restore.images.restore_image pads any image")
 
 
 # ----------------------------------------------------------------------- parameter groups

@@ -5,7 +5,6 @@ the config's shapes for tests and the demo."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -13,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dod_jax.dod.model import DOD
-from dod_jax.dod.prompts import load_prompt_embeddings
+from dod_jax.methods.dod.model import DOD
+from dod_jax.methods.dod.prompts import load_prompt_embeddings
 from dod_jax.errors import ConfigError
-from dod_jax.files import sha256
+from dod_jax.files import file_identity
 from dod_jax.models.adm import ADMConfig, ADMEncoder
 from dod_jax.models.layers import ATTENTION_IMPLEMENTATIONS, FixedKeyRngs, NumpyRngs
 from dod_jax.models.unet import UNet2DCondition, UNetConfig
@@ -117,31 +116,6 @@ def base_identity(config, root: Path | None = None) -> dict:
     if config.base.random_seed >= 0:
         return {"random_seed": config.base.random_seed}
     return {k: file_identity(config.base[k], root) for k in BASE_FILES}
-
-
-def file_identity(path: str | os.PathLike, root: Path | None = None) -> dict:
-    """{path, bytes, sha256} of a weights file, or of each weights file in a folder (named by
-    its place in the folder, so a symlinked cache entry keeps its folder's path); a relative
-    `path` is read under `root` and recorded as it is."""
-    path = Path(path)
-    inside = root is not None and not path.is_absolute()
-    local = root / path if inside else path
-    recorded = path if inside else path.resolve()
-    files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".msgpack", ".json")) \
-        if local.is_dir() else [local]
-    out = []
-    for f in files:
-        name = recorded / f.relative_to(local) if local.is_dir() else recorded
-        out.append({"path": str(name), "bytes": f.stat().st_size, "sha256": sha256(f)})
-    return {"path": str(recorded), "files": out}
-
-
-def same_base(a: dict, b: dict) -> bool:
-    """Two base identities name the same weights (same hashes, wherever the files now are)."""
-    digests = lambda identity: json.dumps(
-        {k: ([f["sha256"] for f in v["files"]] if isinstance(v, dict) and "files" in v else v)
-         for k, v in identity.items()}, sort_keys=True)
-    return digests(a) == digests(b)
 
 
 def build_dod(config, base: BaseModels, seed: int = 0) -> DOD:

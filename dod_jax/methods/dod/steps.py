@@ -17,17 +17,18 @@ gradients are not finite changes nothing but its counter (`skipped`, `fake_skipp
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx, struct
 
 from dod_jax import adapters
-from dod_jax.dod.model import DOD, PromptEmbedding, trainable
+from dod_jax.methods import TrainingSteps
+from dod_jax.methods.dod.model import DOD, PromptEmbedding, all_trained, trainable
 from dod_jax.errors import ConfigError
-from dod_jax.losses.dmd import dmd_loss, fake_score_loss
+from dod_jax.optim import accumulate, apply_if_finite, learning_rate, optimizer
+from dod_jax.methods.dod.dmd import dmd_loss, fake_score_loss
 from dod_jax.losses.ssim import batch_ssim
 
 FAKE = "fake"  # the fake score's LoRA set on the shared UNet
@@ -46,26 +47,6 @@ def loss_weights(train_cfg) -> dict[str, float]:
     weights = dict(LOSS_WEIGHTS[train_cfg.loss_weights])
     weights.update({k: float(v) for k, v in train_cfg.weights.items() if v is not None})
     return weights
-
-
-LR_SCHEDULES = ("constant", "cosine")
-
-
-def learning_rate(lr: float, steps: int, schedule: str = "constant", warmup: int = 0, final_fraction: float = 0.0):
-    """`lr` as optax takes it: 'constant' (the authors' code), or 'cosine': linear warm-up from 0
-    over `warmup` steps (at most half the run), then cosine decay to `final_fraction` x lr at `steps`."""
-    if schedule == "constant":
-        return lr
-    if schedule != "cosine":
-        raise ConfigError(f"train.lr_schedule must be one of {list(LR_SCHEDULES)}, got {schedule!r}")
-    warmup = min(warmup, steps // 2)
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * final_fraction)
-
-
-def optimizer(lr, weight_decay: float, clip: float | None, b1: float = 0.9, b2: float = 0.999):
-    """AdamW after global-norm clipping (None: no clipping); `lr` a number or an optax schedule."""
-    adamw = optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay)
-    return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip else adamw
 
 
 class TrainState(struct.PyTreeNode):
@@ -97,7 +78,7 @@ def split_filters(stage: str):
 
 
 @dataclasses.dataclass
-class Stage:
+class Stage(TrainingSteps):
     """The update functions of one stage for one model structure."""
     stage: str
     graphdef: Any
@@ -122,7 +103,7 @@ class Stage:
         stage1 = stage == "stage1"
         if stage1 and (not jax.tree.leaves(fake_params) or getattr(model, "negative_prompt", None) is None):
             raise ValueError("stage 1 needs the fake score's LoRA set and the negative prompt on the model "
-                             "(dod_jax.training.steps.add_fake_score)")
+                             "(dod_jax.methods.dod.steps.add_fake_score)")
         if stage1 and weights["lpips"] and lpips is None:
             raise ConfigError("stage 1 with an LPIPS weight needs the LPIPS network (train.lpips_weights)")
         lpips_graphdef, lpips_state = nnx.split(lpips) if lpips is not None else (None, None)
@@ -142,6 +123,13 @@ class Stage:
     def merge(self, state: TrainState, frozen: Frozen) -> DOD:
         """The DOD model holding the state's parameters."""
         return nnx.merge(self.graphdef, state.fake_params, state.params, frozen.model)
+
+    def trained_params(self, state: TrainState, frozen: Frozen) -> dict:
+        """Everything either stage trains, as checkpoints hold it for restore (model.ALL_TRAINED)."""
+        return nnx.to_pure_dict(all_trained(self.merge(state, frozen)))
+
+    def counters(self, state: TrainState) -> dict[str, int]:
+        return {"skipped": int(state.skipped), "fake_skipped": int(state.fake_skipped)}
 
     # ------------------------------------------------------------------------------ losses
 
@@ -239,45 +227,3 @@ def add_fake_score(model: DOD, negative_prompt, *, rank: int, targets, rngs, sco
     adapters.inject(model.unet, adapters.AdapterSpec(FAKE, tuple(present), rank=rank, scope=prefix), rngs)
     model.negative_prompt = PromptEmbedding(jnp.asarray(negative_prompt, jnp.float32))
     return model
-
-
-def accumulate(loss_fn: Callable, params, batch: dict, keys, micro_batches: int):
-    """Gradients of loss_fn(params, batch, keys) -> (loss, (metrics, out)) averaged over
-    `micro_batches` equal slices of the batch (a lax.scan, so one slice's activations live at a
-    time); metrics averaged, `out` concatenated."""
-    if micro_batches == 1:
-        grads, (metrics, out) = jax.grad(loss_fn, has_aux=True)(params, batch, keys)
-        return grads, metrics, out
-    n = keys.shape[0]
-    if n % micro_batches:
-        raise ConfigError(f"a batch of {n} does not split into {micro_batches} micro-batches")
-    split = lambda x: x.reshape((micro_batches, n // micro_batches) + x.shape[1:])
-    sliced = jax.tree.map(split, (batch, keys))
-
-    def body(total, piece):
-        grads, (metrics, out) = jax.grad(loss_fn, has_aux=True)(params, *piece)
-        total = jax.tree.map(jnp.add, total, (grads, metrics))
-        return total, out
-
-    first = jax.tree.map(lambda x: x[0], sliced)
-    grad_shapes, (metric_shapes, _) = jax.eval_shape(lambda: jax.grad(loss_fn, has_aux=True)(params, *first))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shapes, metric_shapes))
-    (grads, metrics), outs = jax.lax.scan(body, zeros, sliced)
-    grads, metrics = jax.tree.map(lambda x: x / micro_batches, (grads, metrics))
-    out = None if outs is None else jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), outs)
-    return grads, metrics, out
-
-
-def apply_if_finite(tx, grads, loss, params, opt_state):
-    """(params, opt_state, 1) after the update, or the unchanged inputs and 0 when the loss or
-    any gradient is not finite. A NaN or an infinity anywhere makes the gradients' global norm
-    non-finite, so one scalar decides; lax.cond keeps the update out of the skipped branch."""
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-
-    def update(operands):
-        params, opt_state = operands
-        updates, new_opt = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_opt
-
-    params, opt_state = jax.lax.cond(finite, update, lambda operands: operands, (params, opt_state))
-    return params, opt_state, finite.astype(jnp.int32)

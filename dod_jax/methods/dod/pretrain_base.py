@@ -1,6 +1,6 @@
 """Pretraining a small SD-family base on the built-in demo photos: the main job's frozen base.
 
-    python -m dod_jax.training.pretrain_base --config configs/demo.py --out DIR [--compare SHIPPED]
+    python -m dod_jax.methods.dod.pretrain_base --config configs/demo.py --out DIR [--compare SHIPPED]
 
 No Stable Diffusion weights can be downloaded here, and DOD on a random base makes photos
 worse. So the demo's base is pretrained by this module, on the training photos of the
@@ -20,7 +20,7 @@ built-in demo set (dod_jax.data.demo), in the config's `vae` / `unet` / `adm` sh
    exists offline).
 
 DIR receives sd/ (unet/, vae/, scheduler/ in diffusers' layout), adm.safetensors and
-prompts.safetensors (the files dod_jax.dod.build.load_base reads), and manifest.json: the
+prompts.safetensors (the files dod_jax.methods.dod.build.load_base reads), and manifest.json: the
 recipe, the losses, the VAE's PSNR and LPIPS on the held-out demo photos, and every file's size and
 sha256. The folder is written whole or not at all. Every random draw follows the seed and the
 step, so a run on the same machine kind and jax version writes the same bytes; `--compare`
@@ -48,8 +48,8 @@ from dod_jax.configs import load_config
 from dod_jax.data import layouts
 from dod_jax.data.demo import TEST_PHOTOS, demo_photos, write_demo_set
 from dod_jax.data.pipeline import TrainBatches, parse_ratio, sources_from_pairs
-from dod_jax.dod.build import base_networks
-from dod_jax.dod.prompts import save_prompt_embeddings
+from dod_jax.methods.dod.build import base_networks
+from dod_jax.methods.dod.prompts import save_prompt_embeddings
 from dod_jax.errors import ConfigError, reported
 from dod_jax.losses.metrics import psnr
 from dod_jax.files import atomic_folder, atomic_write, sha256
@@ -58,7 +58,7 @@ from dod_jax.image_ops import to_uint8
 from dod_jax.losses.lpips import load_lpips
 from dod_jax.models.layers import NumpyRngs
 from dod_jax.schedule import DDPMSchedule
-from dod_jax.training.steps import learning_rate, optimizer
+from dod_jax.optim import learning_rate, optimizer
 from dod_jax.weights.adm import save_adm
 from dod_jax.weights.diffusers import SDPipeline, save_pipeline
 
@@ -254,8 +254,8 @@ def pretrain(config, out: Path) -> dict:
             vae.config.scaling_factor), unet_batches, recipe.seed + 2)
 
     manifest = {
-        "what": "the demo's SD-family base, pretrained on the built-in demo photos (dod_jax.training.pretrain_base)",
-        "command": "python -m dod_jax.training.pretrain_base --config configs/demo.py --out DIR",
+        "what": "the demo's SD-family base, pretrained on the built-in demo photos (dod_jax.methods.dod.pretrain_base)",
+        "command": "python -m dod_jax.methods.dod.pretrain_base --config configs/demo.py --out DIR",
         "recipe": recipe.to_dict(), "scaling_factor": vae.config.scaling_factor,
         "vae_held_out": held_out_reconstruction(vae, lpips, config.restore.tile), "vae_log": vae_log, "unet_log": unet_log,
         "made_with": {"jax": jax.__version__, "backend": jax.default_backend(), "machine": platform.machine(),

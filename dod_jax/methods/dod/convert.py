@@ -1,13 +1,13 @@
 """The authors' released DOD in dod-jax: their checkpoints in, a restore bundle out; and back.
 
-    python -m dod_jax.weights.official import --stage1 S1.pkl [--stage2 S2.pkl] --sd SD21_DIR \\
+    python -m dod_jax.methods.dod.convert import --stage1 S1.pkl [--stage2 S2.pkl] --sd SD21_DIR \\
         --adm ADM.pt|ADM.safetensors --prompts prompt_embeds.pt [--negative-prompts neg_prompt_embeds.pt] \\
         [--config FILE] --out BUNDLE
-    python -m dod_jax.weights.official export --ckpt CKPT_OR_BUNDLE --out DIR
+    python -m dod_jax.methods.dod.convert export --ckpt CKPT_OR_BUNDLE --out DIR
 
 `import` reads the authors' files with dod_jax.weights.torch_pickle (no torch needed; nothing
 but tensors, dicts, lists, strings and numbers is unpickled), accounts for every tensor by
-its official name (dod_jax.dod.official), and writes a restore bundle that `restore --ckpt`,
+its official name (dod_jax.methods.dod.official), and writes a restore bundle that `restore --ckpt`,
 `evaluate.py --ckpt` and `dod_jax.restore.bundle.load_model` take: the trained parameters,
 the converted ADM (unless a converted .safetensors is given, which is then referenced) and
 the prompt embeddings inside the bundle, the SD pipeline folder referenced by path. Without
@@ -18,7 +18,7 @@ the import sets on the config:
     dod.literal_gamma = True   their CLoRA uses M_theta's gamma as it is (no 1 + gamma)
     dod.alpha = 8.0            peft's default lora_alpha: LoRA scale 8 / r
     dod.rank                   from the file (rank_unet), with the target lists it names
-    restore, dod.latent, dod.mfm_resize   the authors' inference (dod_jax.restore.engine.PRESETS
+    restore, dod.latent, dod.mfm_resize   the authors' inference (dod_jax.methods.dod.restore.PRESETS
                                'official': Lanczos resize to multiples of 8, the UNet alone in
                                latent tiles, a posterior sample, a bicubic MFM copy)
 
@@ -33,7 +33,7 @@ added to the gamma half of M_theta's last bias); one at another LoRA scale has i
 rescaled. Models their code cannot express (per-layer prompts, plain LoRA, conditional VAE
 LoRA, no DEMs) are refused.
 
-This module is a command above dod_jax.dod and dod_jax.restore (it builds a model and writes
+This module is a command above dod_jax.methods.dod and dod_jax.restore (it builds a model and writes
 a bundle); nothing imports it.
 """
 
@@ -47,13 +47,13 @@ from pathlib import Path
 import numpy as np
 
 from dod_jax.configs import load_config
-from dod_jax.dod import official
-from dod_jax.dod.build import BaseModels, adm_config, build_dod
-from dod_jax.dod.prompts import save_prompt_embeddings
+from dod_jax.methods.dod import official
+from dod_jax.methods.dod.build import BaseModels, adm_config, build_dod
+from dod_jax.methods.dod.prompts import save_prompt_embeddings
+from dod_jax.methods.dod.restore import PRESETS
 from dod_jax.errors import ConfigError, reported
 from dod_jax.files import atomic_folder, sha256
 from dod_jax.restore.bundle import load_model, save_bundle
-from dod_jax.restore.engine import PRESETS
 from dod_jax.weights import torch_pickle
 from dod_jax.weights.adm import convert_checkpoint, load_adm
 from dod_jax.weights.diffusers import WeightsError, load_pipeline
@@ -106,7 +106,7 @@ def import_official(stage1: Path, stage2: Path | None, sd: Path, adm: Path, prom
     # The bundle restores as the authors' inference does (the 'official' preset), at the MFM size
     # the config gives (256 in configs/dod.py; smaller for small ADMs).
     preset = PRESETS["official"]
-    config.dod.update({k: v for k, v in preset["dod"].items() if k != "mfm_size"})
+    config.dod.update({k: v for k, v in preset["config"]["dod"].items() if k != "mfm_size"})
     config.restore.update(preset["restore"])
 
     pipeline = load_pipeline(sd)
@@ -131,7 +131,7 @@ def import_official(stage1: Path, stage2: Path | None, sd: Path, adm: Path, prom
         given = {"stage1": stage1, "stage2": stage2, "adm": adm, "prompts": prompts, "negative_prompts": negative}
         provenance = {"imported_from": {k: file_record(v) for k, v in given.items() if v is not None},
                       "official_switches": {f"dod.{k}": v for k, v in dict(OFFICIAL_SWITCHES, rank=rank).items()},
-                      "command": "python -m dod_jax.weights.official import"}
+                      "command": "python -m dod_jax.methods.dod.convert import"}
         return save_bundle(model, config, "stage2" if stage2 else "stage1", out, files=bundle_files,
                            provenance=provenance)
 
@@ -162,7 +162,7 @@ def export_official(ckpt: Path, out: Path) -> Path:
         return torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value
 
     embeddings = {"prompt_embeds.pt": np.asarray(loaded.model.prompt_embedding[...])[None]}
-    negative = None if loaded.config.base.random_seed >= 0 else loaded.prompts.get("negative_prompt")
+    negative = None if loaded.config.base.random_seed >= 0 else loaded.built.extras["prompts"].get("negative_prompt")
     if negative is not None:
         embeddings["neg_prompt_embeds.pt"] = negative[None]
 
@@ -177,7 +177,7 @@ def export_official(ckpt: Path, out: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="dod_jax.weights.official", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dod_jax.methods.dod.convert", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     imp = commands.add_parser("import", help="the authors' checkpoints -> a restore bundle")
     imp.add_argument("--stage1", type=Path, required=True, help="the stage-1 .pkl")
