@@ -1,7 +1,9 @@
-"""LoRA and conditional LoRA (CLoRA) for the Linear and Conv2d layers of any dod_jax model.
+"""LoRA, conditional LoRA (CLoRA) and routed low-rank experts for the Linear and Conv2d layers
+of any dod_jax model.
 
     plain        h = W0 x + s * B(A x)
     conditional  h = W0 x + s * B(gamma * (A x) + beta)      gamma, beta in R^r per image
+    experts      h = W0 x + sum_e w_e (dW_e x)                w (E,) routing weights per image
 
 with s = alpha / r, A Gaussian (std 1/r, PEFT's "gaussian") and B zero at initialisation. For a conv layer A is a
 conv with the layer's own kernel size, stride and padding producing r channels, and B a 1x1
@@ -10,8 +12,9 @@ conv. gamma = 1 + dgamma by default (identity FiLM at init, so CLoRA starts as p
 
 Adapters hang on their layer under `layer.adapters[set_name]`, so the frozen base weights
 exist once and keep their diffusers names, while several named sets (DOD's generator CLoRA,
-the DMD fake score's LoRA) live side by side. A set is active only inside `select(name, ...)`;
-outside any selection the model is the plain base model. The selection is read when a
+the DMD fake score's LoRA) live side by side. A set is active only inside `select(name, ...)`,
+which carries what its adapters read per image: FiLM rows for a conditional set, routing
+weights for experts; outside any selection the model is the plain base model. The selection is read when a
 function is traced, so select inside the jitted function.
 
 Targets are data: a layer is adapted when its dotted path equals a target or ends with
@@ -29,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dod_jax.models.layers import ADAPTERS, Conv2d, Linear, normal_init
+from dod_jax.models.layers import ADAPTERS, Conv2d, Linear, conv2d, normal_init, uniform_fan_in
 
 # Adapters are trained: their weights are float32 whatever the layer they hang on stores (a
 # base stored in bfloat16, base.dtype); they compute in the layer's dtype.
@@ -39,7 +42,8 @@ TRAINED_DTYPE = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class _Selection:
     name: str | None = None
-    film: jax.Array | None = None  # (num_film_keys, B, 2r): per key and image, [gamma-part, beta]
+    film: jax.Array | None = None     # (num_film_keys, B, 2r): per key and image, [gamma-part, beta]
+    routing: jax.Array | None = None  # (B, experts): per image, the experts' weights
 
 
 _SELECTED: contextvars.ContextVar[_Selection] = contextvars.ContextVar("dod_jax_adapter_selection",
@@ -47,14 +51,22 @@ _SELECTED: contextvars.ContextVar[_Selection] = contextvars.ContextVar("dod_jax_
 
 
 @contextlib.contextmanager
-def select(name: str | None, film: jax.Array | None = None):
+def select(name: str | None, film: jax.Array | None = None, routing: jax.Array | None = None):
     """Run the model with adapter set `name` active (None: base model only). Conditional sets
-    need `film`, M_theta's output of shape (num_film_keys, B, 2r)."""
-    token = _SELECTED.set(_Selection(name, film))
+    need `film`, M_theta's output of shape (num_film_keys, B, 2r); experts need `routing`, the
+    weights of shape (B, experts) (`top_k_routing`)."""
+    token = _SELECTED.set(_Selection(name, film, routing))
     try:
         yield
     finally:
         _SELECTED.reset(token)
+
+
+def top_k_routing(logits, k: int):
+    """(B, experts) weights from a router's logits: a softmax over the `k` largest of each row,
+    the other experts 0 (LoRA-IR's renormalised top-k; with k = 1 the chosen expert weighs 1)."""
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jax.nn.softmax(jnp.where(logits >= kth, logits, -jnp.inf), axis=-1)
 
 
 def split_film(film_row, literal_gamma: bool):
@@ -108,14 +120,68 @@ class LoRA(nnx.Module):
         gamma, beta = split_film(film[self.film_key, 0], self.literal_gamma)
         return jnp.einsum("...r,r,ro->...o", a, gamma, b) * self.scale, (beta @ b) * self.scale
 
-    def merge_into(self, layer, film=None):
-        """W0 + the folded update, b0 + its bias part (a bias is added where W0 had none)."""
-        kernel_delta, bias_delta = self.folded(film)
-        layer.kernel.set_value(layer.kernel[...] + kernel_delta.astype(layer.kernel.dtype))
-        if bias_delta is not None:
-            if layer.bias is None:
-                layer.bias = nnx.data(nnx.Param(jnp.zeros(bias_delta.shape, layer.kernel.dtype)))
-            layer.bias.set_value(layer.bias[...] + bias_delta.astype(layer.bias.dtype))
+    def merge_into(self, layer, film=None, routing=None):
+        _add_to_weights(layer, *self.folded(film))
+
+
+def _add_to_weights(layer, kernel_delta, bias_delta):
+    """W0 + the folded update, b0 + its bias part (a bias is added where W0 had none)."""
+    layer.kernel.set_value(layer.kernel[...] + kernel_delta.astype(layer.kernel.dtype))
+    if bias_delta is not None:
+        if layer.bias is None:
+            layer.bias = nnx.data(nnx.Param(jnp.zeros(bias_delta.shape, layer.kernel.dtype)))
+        layer.bias.set_value(layer.bias[...] + bias_delta.astype(layer.bias.dtype))
+
+
+class LoRAExperts(nnx.Module):
+    """`experts` low-rank updates of one layer mixed per image by routing weights (LoRA-IR's
+    experts, loralib's layout): expert e's update of the PyTorch-layout weight (out, in, k, k)
+    is (B_e @ A_e).reshape(out, in, k, k) * alpha / rank, with A (E, rank*k, in*k) and
+    B (E, out*k, rank*k) (a Linear: k = 1, weight (out, in)). A is drawn as PyTorch's
+    kaiming_uniform(a=sqrt(5)), B is zero. The layer adds sum_e w_e conv(x, dW_e), computed as
+    one convolution per image with its mixed update conv(x, sum_e w_e dW_e)."""
+
+    def __init__(self, layer: Linear | Conv2d, set_name: str, experts: int, rank: int, alpha: float, *, rngs):
+        self.linear = isinstance(layer, Linear)
+        if self.linear:
+            k, cin, cout = 1, layer.in_features, layer.out_features
+        else:
+            k, cin, cout = layer.kernel.shape[0], layer.in_channels, layer.out_channels
+            self.stride, self.padding = layer.stride, layer.padding
+        self.lora_A = nnx.Param(uniform_fan_in(rngs, (experts, rank * k, cin * k), cin * k, TRAINED_DTYPE))
+        self.lora_B = nnx.Param(jnp.zeros((experts, cout * k, rank * k), TRAINED_DTYPE))
+        self.set_name, self.experts, self.rank, self.scale = set_name, experts, rank, alpha / rank
+        self.kernel_size, self.cin, self.cout, self.dtype = k, cin, cout, layer.dtype
+
+    def deltas(self):
+        """Every expert's weight update in the layer's layout: (E, in, out) or (E, k, k, in, out)."""
+        w = jnp.einsum("eor,eri->eoi", self.lora_B[...], self.lora_A[...]) * self.scale
+        if self.linear:
+            return w.transpose(0, 2, 1)
+        k = self.kernel_size
+        return w.reshape(self.experts, self.cout, self.cin, k, k).transpose(0, 3, 4, 2, 1)
+
+    def __call__(self, x):
+        selection = _SELECTED.get()
+        if selection.name != self.set_name:
+            return None
+        if selection.routing is None:
+            raise ValueError(f"adapter set {self.set_name!r} holds routed experts: select it with routing weights")
+        x = x.astype(self.dtype)
+        mixed = jnp.einsum("be,e...->b...", selection.routing.astype(self.dtype), self.deltas().astype(self.dtype))
+        if self.linear:
+            return jnp.einsum("b...i,bio->b...o", x, mixed)
+        return jax.vmap(lambda image, kernel: conv2d(image[None], kernel, self.stride, self.padding)[0])(x, mixed)
+
+    def folded(self, routing):
+        """(kernel delta, None) of one image's mix: `routing` of shape (1, experts)."""
+        if routing is None or routing.shape != (1, self.experts):
+            raise ValueError(f"adapter set {self.set_name!r} folds for one image at a time (routing of shape "
+                             f"(1, {self.experts})), got {None if routing is None else routing.shape}")
+        return jnp.einsum("e,e...->...", routing[0], self.deltas()), None
+
+    def merge_into(self, layer, film=None, routing=None):
+        _add_to_weights(layer, *self.folded(routing))
 
 
 class TrainedCopy(nnx.Module):
@@ -143,7 +209,7 @@ class TrainedCopy(nnx.Module):
     def __call__(self, x):
         return self.copy(x) if _SELECTED.get().name == self.set_name else None
 
-    def merge_into(self, layer, film=None):
+    def merge_into(self, layer, film=None, routing=None):
         """The copy's weights become the layer's (in the layer's dtype)."""
         layer.kernel.set_value(self.copy.kernel[...].astype(layer.kernel.dtype))
         if layer.bias is not None:
@@ -180,14 +246,15 @@ def layers(model: nnx.Module, scope: str = "") -> Iterator[tuple[str, Linear | C
 @dataclasses.dataclass(frozen=True)
 class AdapterSpec:
     """One adapter set. `film_key(path)` gives a conditional layer's row of M_theta's output;
-    None makes the whole set plain LoRA."""
+    None makes the whole set plain LoRA. `experts` > 0 makes it routed low-rank experts."""
     name: str
     targets: tuple[str, ...]
     rank: int = 8
-    alpha: float | None = None  # None: alpha = rank (scale 1, as the authors' code)
+    alpha: float | None = None  # None: alpha = rank (scale 1, as DOD's authors' code)
     scope: str = ""
     film_key: Callable[[str], int] | None = None
     literal_gamma: bool = False
+    experts: int = 0
 
 
 def inject(model: nnx.Module, spec: AdapterSpec, rngs) -> list[str]:
@@ -198,32 +265,38 @@ def inject(model: nnx.Module, spec: AdapterSpec, rngs) -> list[str]:
     if unmatched:
         raise ValueError(f"adapter set {spec.name!r}: targets {unmatched} match no Linear or Conv2d under "
                          f"{spec.scope or 'the model root'!r} of {type(model).__name__}")
+    if spec.experts and spec.film_key is not None:
+        raise ValueError(f"adapter set {spec.name!r}: routed experts take no FiLM conditioning (film_key)")
     alpha = spec.rank if spec.alpha is None else spec.alpha
     for path, layer in found:
         if not hasattr(layer, ADAPTERS):
             layer.adapters = nnx.Dict()
         if spec.name in layer.adapters:
             raise ValueError(f"{path} already carries an adapter set named {spec.name!r}")
-        layer.adapters[spec.name] = LoRA(
-            layer, spec.name, spec.rank, alpha, literal_gamma=spec.literal_gamma, rngs=rngs,
-            film_key=None if spec.film_key is None else spec.film_key(path))
+        if spec.experts:
+            layer.adapters[spec.name] = LoRAExperts(layer, spec.name, spec.experts, spec.rank, alpha, rngs=rngs)
+        else:
+            layer.adapters[spec.name] = LoRA(
+                layer, spec.name, spec.rank, alpha, literal_gamma=spec.literal_gamma, rngs=rngs,
+                film_key=None if spec.film_key is None else spec.film_key(path))
     return [p for p, _ in found]
 
 
-def adapted(model: nnx.Module, name: str) -> Iterator[tuple[str, Linear | Conv2d, LoRA | TrainedCopy]]:
+def adapted(model: nnx.Module, name: str) -> Iterator[tuple[str, Linear | Conv2d, LoRA | LoRAExperts | TrainedCopy]]:
     for path, layer in layers(model):
         if name in getattr(layer, ADAPTERS, {}):
             yield path, layer, layer.adapters[name]
 
 
-def merge(model: nnx.Module, name: str, film: jax.Array | None = None) -> int:
+def merge(model: nnx.Module, name: str, film: jax.Array | None = None, routing: jax.Array | None = None) -> int:
     """Fold adapter set `name` into the base weights and remove it; returns the number of
     layers folded. Conditional sets fold for one image (`film` of shape (keys, 1, 2r)):
-    W0 + A diag(gamma) B and bias + beta B; a trained copy replaces W0 and b0. Works on a model
-    merged inside a jitted function."""
+    W0 + A diag(gamma) B and bias + beta B; experts for one image's `routing` (1, experts):
+    W0 + sum_e w_e dW_e; a trained copy replaces W0 and b0. Works on a model merged inside a
+    jitted function."""
     count = 0
     for _, layer, adapter in list(adapted(model, name)):
-        adapter.merge_into(layer, film)
+        adapter.merge_into(layer, film, routing)
         del layer.adapters[name]
         count += 1
     return count

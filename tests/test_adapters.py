@@ -187,3 +187,81 @@ def test_a_trained_copy_replaces_its_layer_only_while_selected_and_merges_exactl
     assert adapters.merge(model, "gen") == 1
     np.testing.assert_array_equal(np.asarray(conv.kernel[...]), np.asarray(copy.kernel[...]))
     np.testing.assert_array_equal(np.asarray(conv(x)), replaced)
+
+
+# ------------------------------------------------------------------------- routed experts
+
+def experts_model(experts=3, rank=2, seed=0):
+    """TwoLayers with routed experts on both layers (alpha 2r: scale 2, as LoRA-IR), B random."""
+    model = TwoLayers(NumpyRngs(seed))
+    adapters.inject(model, adapters.AdapterSpec("mix", ("proj", "block.0"), rank=rank, alpha=2.0 * rank,
+                                                experts=experts), NumpyRngs(seed + 1))
+    rng = np.random.default_rng(seed + 2)
+    for _, _, mix in adapters.adapted(model, "mix"):
+        mix.lora_B.set_value(jnp.asarray(rng.standard_normal(mix.lora_B.shape) * 0.3, jnp.float32))
+    return model
+
+
+def torch_layout_update(mix, expert) -> np.ndarray:
+    """Expert `expert`'s update as loralib writes it: (B @ A).view(weight shape) * alpha / r,
+    in PyTorch's (out, in[, k, k]) layout."""
+    a, b = np.asarray(mix.lora_A[...], np.float64)[expert], np.asarray(mix.lora_B[...], np.float64)[expert]
+    shape = (mix.cout, mix.cin) + ((mix.kernel_size,) * 2 if not mix.linear else ())
+    return (b @ a).reshape(shape) * mix.scale
+
+
+def test_top_k_routing_is_a_softmax_over_the_chosen_experts():
+    logits = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    for k in (1, 2):
+        got = np.asarray(adapters.top_k_routing(jnp.asarray(logits), k))
+        expected = np.zeros_like(logits, np.float64)
+        for row, values in enumerate(logits.astype(np.float64)):
+            chosen = np.argsort(values)[::-1][:k]
+            expected[row, chosen] = np.exp(values[chosen]) / np.exp(values[chosen]).sum()
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert set(np.asarray(adapters.top_k_routing(jnp.asarray(logits), 1)).ravel()) == {0.0, 1.0}
+
+
+def test_an_image_routed_to_one_expert_gets_exactly_that_experts_update():
+    """Each image of a batch routed to a different expert: the layer's output less the base
+    output is that expert's loralib-layout update applied to the image (a NumPy convolution with
+    the PyTorch-layout weight, transposed independently); unselected, the layer is the base."""
+    model = experts_model()
+    x = np.random.default_rng(3).standard_normal((3, 9, 9, 5)).astype(np.float32)
+    conv = model.block[0]
+    base = np.asarray(conv(jnp.asarray(x)))
+    routing = jnp.eye(3, dtype=jnp.float32)[jnp.array([2, 0, 1])]
+    with adapters.select("mix", routing=routing):
+        routed = np.asarray(conv(jnp.asarray(x)))
+    _, _, mix = next((p, l, a) for p, l, a in adapters.adapted(model, "mix") if p == "block.0")
+    for image, expert in enumerate((2, 0, 1)):
+        kernel = torch_layout_update(mix, expert).transpose(2, 3, 1, 0)  # (out, in, k, k) -> HWIO
+        update = numpy_conv(x[image:image + 1].astype(np.float64), kernel, conv.stride, conv.padding)[0]
+        assert np.abs(update).max() > 0.1
+        np.testing.assert_allclose(routed[image] - base[image], update, atol=2e-5)
+    proj = model.proj
+    _, _, linear_mix = next((p, l, a) for p, l, a in adapters.adapted(model, "mix") if p == "proj")
+    tokens = np.random.default_rng(4).standard_normal((3, 4, 6)).astype(np.float32)
+    with adapters.select("mix", routing=routing):
+        got = np.asarray(proj(jnp.asarray(tokens)))
+    base_tokens = np.asarray(proj(jnp.asarray(tokens)))
+    for image, expert in enumerate((2, 0, 1)):
+        expected = tokens[image].astype(np.float64) @ torch_layout_update(linear_mix, expert).T
+        np.testing.assert_allclose(got[image] - base_tokens[image], expected, atol=2e-5)
+    with pytest.raises(ValueError, match="routing weights"):
+        with adapters.select("mix"):
+            conv(jnp.asarray(x))
+
+
+def test_merged_experts_equal_the_routed_layer_for_one_image():
+    model = experts_model()
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((1, 9, 9, 6)).astype(np.float32))
+    routing = adapters.top_k_routing(jnp.asarray([[0.3, 1.2, 0.9]]), 2)
+    forward = lambda m, x: m.block[0](m.proj(x))
+    with adapters.select("mix", routing=routing):
+        routed = np.asarray(forward(model, x))
+    with pytest.raises(ValueError, match="one image at a time"):
+        adapters.merge(experts_model(), "mix", routing=jnp.ones((2, 3)) / 3)
+    assert adapters.merge(model, "mix", routing=routing) == 2
+    assert not list(adapters.adapted(model, "mix"))
+    np.testing.assert_allclose(np.asarray(forward(model, x)), routed, atol=1e-5)
