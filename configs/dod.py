@@ -115,7 +115,7 @@ def get_config() -> ConfigDict:
         "log_every": 50, "sample_every": 1000, "checkpoint_every": 2000, "keep": 3,
     })
     # How restore and evaluate.py restore with a model of this config unless their command line
-    # (or --preset official, dod_jax.restore.engine.PRESETS) says otherwise
+    # (or --preset official, dod_jax.methods.dod.restore.PRESETS) says otherwise
     # (dod_jax.restore.engine.RestoreSettings): short sides below `min_side` lifted first (256,
     # as the authors' code); sides to multiples of 8 by `fit` ('pad': reflect padding; 'resize':
     # Lanczos down, as the runner of the authors' release), then padded to multiples of `bucket`;

@@ -63,7 +63,7 @@ from dod_jax.weights.adm import save_adm
 from dod_jax.weights.diffusers import SDPipeline, save_pipeline
 
 MANIFEST = "manifest.json"
-SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "demo_base"
+SHIPPED = Path(__file__).resolve().parents[2] / "assets" / "demo_base"  # dod_jax/assets/demo_base
 
 
 def demo_batches(root: Path, recipe, crop: int, units: int) -> TrainBatches:
