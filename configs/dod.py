@@ -92,6 +92,10 @@ def get_config() -> ConfigDict:
         # convolution outputs; models.layers.REMAT_POLICIES). True / False in saved configs.
         "remat": "none",
         "dtype": "float32",         # compute dtype (bfloat16 on accelerators); trained parameters stay float32
+        # What stage 1's DMD real score (the frozen UNet with classifier-free guidance) computes in:
+        # None = train.dtype; 'bfloat16' as the authors' code runs it in fp16 (half the activation
+        # bytes of that pass; the fake score, the generator and the losses keep train.dtype).
+        "real_score_dtype": config_dict.placeholder(str),
         "lr": 5e-5, "fake_lr": 5e-5, "betas": (0.9, 0.999), "weight_decay": 1e-2,
         # Both optimisers' learning rate over the run: 'constant' (the authors' code) or 'cosine'
         # (linear warm-up from 0 over `warmup` steps, then cosine decay to final_lr_fraction x lr

@@ -71,6 +71,7 @@ ADDED_KEYS = {
     "dod.init": "official",           # M_theta initialised as the authors' code does
     "train.fake_scope": "all",        # the fake score's LoRA on every target layer
     "train.clamp_output": True,       # the stage-1 losses on the clamped restoration
+    "train.real_score_dtype": None,   # the real score computed in train.dtype
 }
 
 

@@ -1,16 +1,21 @@
 """DMD against an independent NumPy computation of REFERENCE.md's formula, the guided real
 score and the fake score against separate UNet calls, and where gradients go."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from dod_jax import adapters
+from dod_jax.configs import load_config
+from dod_jax.errors import ConfigError
 from dod_jax.methods.dod.dmd import (dmd_loss, dmd_loss_from_predictions, draw_timesteps_and_noise, fake_score_loss,
-                                score_predictions)
+                                     score_predictions)
+from dod_jax.training.plan import abstract_stage
 from dod_jax.models.layers import NumpyRngs
 from dod_jax.models.unet import UNet2DCondition, UNetConfig
 from dod_jax.schedule import DDPMSchedule
@@ -117,3 +122,47 @@ def test_draws_follow_each_samples_key_so_batch_splits_do_not_change_them():
     assert int(t.min()) >= 20 and int(t.max()) <= 979 and len(set(np.asarray(t).tolist())) > 1
     with pytest.raises(ValueError, match="one PRNG key per sample"):
         draw_timesteps_and_noise(jax.random.key(0), (6, 4, 4, 4), 20, 979)
+
+
+def test_the_real_score_computes_in_bfloat16_when_asked_and_nothing_else_does():
+    """train.real_score_dtype: the real score's UNet pass computes in bfloat16 (its convolutions
+    and matmuls take bfloat16 operands), the fake score stays float32 and gives exactly what it
+    gives without the switch, and the real prediction stays within bfloat16's rounding of the
+    float32 one. The switch reaches the step from the config."""
+    unet = tiny_unet_with_fake_lora()
+    schedule = DDPMSchedule.create()
+    rng = np.random.default_rng(4)
+    z, noise = (jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32) for _ in range(2))
+    prompt, negative = (jnp.asarray(rng.standard_normal((2, 5, 64)), jnp.float32) for _ in range(2))
+    t = jnp.array([300, 700])
+    graphdef, state = nnx.split(unet)
+
+    def predict(state, real_dtype):
+        return score_predictions(nnx.merge(graphdef, state), schedule, z, t, noise, prompt, negative,
+                                 fake_set="fake", real_dtype=real_dtype)
+
+    (real32, fake32), (real16, fake16) = (jax.tree.map(np.asarray, jax.jit(predict, static_argnums=1)(state, d))
+                                          for d in (None, jnp.bfloat16))
+    np.testing.assert_array_equal(fake16, fake32)
+    assert 0 < np.abs(real16 - real32).max() < 0.05 * np.abs(real32).max()
+    products = lambda d: set(re.findall(r":(\w+)\[[\d,]*\] = (?:dot_general|conv_general_dilated)\[",
+                                        str(jax.make_jaxpr(predict, static_argnums=1)(state, d))))
+    assert products(None) == {"f32"} and products(jnp.bfloat16) == {"f32", "bf16"}
+
+
+def test_the_real_score_dtype_reaches_the_stage_1_step_from_the_config():
+    """train.real_score_dtype 'bfloat16': the traced stage-1 step has bfloat16 matmuls and
+    convolutions (the real score's), None has none; an unknown name is refused."""
+    config = load_config(ROOT / "configs" / "micro.py")
+    config.train.stage = "stage1"
+    products = {}
+    for name in (None, "bfloat16"):
+        config.train.real_score_dtype = name
+        steps, state, frozen = abstract_stage(config)
+        batch = {k: jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32) for k in ("lq", "gt")}
+        products[name] = set(re.findall(r":(\w+)\[[\d,]*\] = (?:dot_general|conv_general_dilated)\[",
+                                        str(jax.make_jaxpr(steps.train_step)(state, frozen, batch))))
+    assert "bf16" not in products[None] and "bf16" in products["bfloat16"]
+    config.train.real_score_dtype = "float8"
+    with pytest.raises(ConfigError, match="train.real_score_dtype"):
+        abstract_stage(config)

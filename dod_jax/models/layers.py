@@ -1,4 +1,4 @@
-"""Building blocks shared by the SD UNet and VAE ports (Flax NNX, NHWC).
+"""Building blocks shared by the model ports (SD UNet and VAE, ADM, NAFNet; Flax NNX, NHWC).
 
 Parameter names follow Flax (`kernel`, `scale`, `bias`) and attribute names follow
 diffusers' module names, so a parameter's path in an NNX state reads as the diffusers
@@ -11,6 +11,8 @@ Every module takes `dtype`, the compute dtype of its activations; parameters sta
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable
 
 import jax
@@ -111,6 +113,27 @@ def batch_sharded(x):
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(mesh.axis_names))
 
 
+_COMPUTE_DTYPE: contextvars.ContextVar = contextvars.ContextVar("dod_jax_compute_dtype", default=None)
+
+
+@contextlib.contextmanager
+def computing_in(dtype):
+    """Layers called inside compute in `dtype` instead of their own (None: their own), whatever
+    their weights are stored in; read when a function is traced, so enter it inside the jitted
+    function. One network can so run in two precisions, e.g. DOD's real score in bfloat16 and
+    the generator in float32 on the same UNet (train.real_score_dtype)."""
+    token = _COMPUTE_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _COMPUTE_DTYPE.reset(token)
+
+
+def compute_dtype(own):
+    """The dtype a layer computes in: `computing_in`'s, else its own."""
+    return _COMPUTE_DTYPE.get() or own
+
+
 def weight_at_use(weight, dtype):
     """A layer's weight for its computation: whole on every device of the mesh in context (an
     FSDP-sharded weight gathered just before its layer, in the dtype it is stored in: a base
@@ -147,9 +170,10 @@ class Linear(nnx.Module):
         replaced = replacement_output(self, x)
         if replaced is not None:
             return batch_sharded(replaced)
-        y = jnp.dot(x.astype(self.dtype), weight_at_use(self.kernel[...], self.dtype))
+        dtype = compute_dtype(self.dtype)
+        y = jnp.dot(x.astype(dtype), weight_at_use(self.kernel[...], dtype))
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + self.bias[...].astype(dtype)
         return batch_sharded(add_adapter_outputs(self, x, y))
 
 
@@ -166,18 +190,19 @@ class Linear(nnx.Module):
 IM2COL_MAX_POSITIONS = 64
 
 
-def conv2d(x, kernel, stride: int, padding: int, im2col_max_positions: int = IM2COL_MAX_POSITIONS):
-    """A 2D convolution of NHWC `x` with an HWIO `kernel`, symmetric integer `padding`; as im2col
-    where it has at most `im2col_max_positions` output positions per image."""
+def conv2d(x, kernel, stride: int, padding: int, im2col_max_positions: int = IM2COL_MAX_POSITIONS, groups: int = 1):
+    """A 2D convolution of NHWC `x` with an HWIO `kernel` (I = input channels / `groups`),
+    symmetric integer `padding`; ungrouped, as im2col where it has at most
+    `im2col_max_positions` output positions per image."""
     k, _, c, _ = kernel.shape
-    if k == 1 and stride == 1 and padding == 0:
+    if k == 1 and stride == 1 and padding == 0 and groups == 1:
         return jnp.dot(x, kernel[0, 0])
     b, h, w, _ = x.shape
     ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
-    if ho * wo > im2col_max_positions:
+    if ho * wo > im2col_max_positions or groups > 1:
         return jax.lax.conv_general_dilated(x, kernel, window_strides=(stride, stride),
                                             padding=((padding, padding), (padding, padding)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
     padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     views = [jax.lax.slice(padded, (0, i, j, 0), (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
                            (1, stride, stride, 1)) for i in range(k) for j in range(k)]
@@ -185,18 +210,21 @@ def conv2d(x, kernel, stride: int, padding: int, im2col_max_positions: int = IM2
 
 
 class Conv2d(nnx.Module):
-    """2D convolution on NHWC inputs with symmetric integer padding (PyTorch semantics)."""
+    """2D convolution on NHWC inputs with symmetric integer padding (PyTorch semantics);
+    `groups` splits the channels as PyTorch's (in_channels = groups: depthwise)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
-                 padding: int | None = None, use_bias: bool = True,
+                 padding: int | None = None, use_bias: bool = True, groups: int = 1,
                  dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-        self.in_channels, self.out_channels = in_channels, out_channels
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"Conv2d: {in_channels} -> {out_channels} channels do not split into {groups} groups")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.stride = stride
         self.padding = kernel_size // 2 if padding is None else padding
         self.dtype = dtype
-        fan_in = in_channels * kernel_size * kernel_size
+        fan_in = in_channels // groups * kernel_size * kernel_size
         self.kernel = nnx.Param(uniform_fan_in(
-            rngs, (kernel_size, kernel_size, in_channels, out_channels), fan_in, param_dtype))
+            rngs, (kernel_size, kernel_size, in_channels // groups, out_channels), fan_in, param_dtype))
         self.bias = nnx.Param(uniform_fan_in(rngs, (out_channels,), fan_in, param_dtype)) if use_bias else None
 
     def __call__(self, x):
@@ -205,9 +233,11 @@ class Conv2d(nnx.Module):
             return batch_sharded(replaced)
         # im2col on one device only (IM2COL_MAX_POSITIONS); an empty mesh has size 0
         im2col = IM2COL_MAX_POSITIONS if jax.sharding.get_abstract_mesh().size <= 1 else 0
-        y = conv2d(x.astype(self.dtype), weight_at_use(self.kernel[...], self.dtype), self.stride, self.padding, im2col)
+        dtype = compute_dtype(self.dtype)
+        y = conv2d(x.astype(dtype), weight_at_use(self.kernel[...], dtype), self.stride, self.padding, im2col,
+                   self.groups)
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + self.bias[...].astype(dtype)
         return batch_sharded(add_adapter_outputs(self, x, y))
 
 
@@ -232,7 +262,7 @@ class GroupNorm(nnx.Module):
         mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
         var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
         y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
-        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+        return (y * self.scale[...] + self.bias[...]).astype(compute_dtype(self.dtype))
 
 
 class LayerNorm(nnx.Module):
@@ -246,7 +276,7 @@ class LayerNorm(nnx.Module):
         mean = jnp.mean(x, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+        return (y * self.scale[...] + self.bias[...]).astype(compute_dtype(self.dtype))
 
 
 class ResnetBlock2D(nnx.Module):

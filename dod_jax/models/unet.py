@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dod_jax.models.config import check_config
-from dod_jax.models.layers import (Attention, Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear,
+from dod_jax.models.layers import (Attention, Conv2d, compute_dtype, Downsample2D, GroupNorm, LayerNorm, Linear,
                                    ResnetBlock2D, Upsample2D, as_tuple, call_maybe_remat, remat_mode)
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
@@ -352,9 +352,10 @@ class UNet2DCondition(nnx.Module):
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
         temb = timestep_embedding(timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                   freq_shift=cfg.freq_shift)
-        temb = self.time_embedding(temb.astype(self.dtype))
-        context = encoder_hidden_states.astype(self.dtype)
-        x = sample.astype(self.dtype)
+        dtype = compute_dtype(self.dtype)
+        temb = self.time_embedding(temb.astype(dtype))
+        context = encoder_hidden_states.astype(dtype)
+        x = sample.astype(dtype)
         if cfg.center_input_sample:
             x = 2 * x - 1.0
         x = self.conv_in(x)

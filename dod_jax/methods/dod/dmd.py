@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from dod_jax import adapters
-from dod_jax.models.layers import is_key_batch, normal_per_sample
+from dod_jax.models.layers import computing_in, is_key_batch, normal_per_sample
 from dod_jax.schedule import DDPMSchedule
 
 T_MIN, T_MAX = 20, 979  # inclusive: the authors' randint(20, 980)
@@ -43,11 +43,12 @@ def dmd_loss_from_predictions(z, x0_real, x0_fake):
 
 
 def score_predictions(unet, schedule: DDPMSchedule, z, t, noise, prompt, negative_prompt, *,
-                      fake_set: str, guidance: float = GUIDANCE):
+                      fake_set: str, guidance: float = GUIDANCE, real_dtype=None):
     """(x0_real, x0_fake) at z_t = add_noise(z, noise, t), both stopped and float32. `prompt` and
-    `negative_prompt` are (B, T, D) embeddings."""
+    `negative_prompt` are (B, T, D) embeddings. `real_dtype`: what the real score computes in
+    (None: the UNet's own dtype)."""
     z_t = schedule.add_noise(z.astype(jnp.float32), noise, t)
-    with adapters.select(None):
+    with adapters.select(None), computing_in(real_dtype):
         eps = unet(jnp.concatenate([z_t, z_t]), jnp.concatenate([t, t]),
                    jnp.concatenate([prompt, negative_prompt])).astype(jnp.float32)
     eps_text, eps_negative = jnp.split(eps, 2)
@@ -69,11 +70,12 @@ def draw_timesteps_and_noise(keys, shape, t_min: int, t_max: int):
 
 
 def dmd_loss(unet, schedule: DDPMSchedule, z, keys, prompt, negative_prompt, *, fake_set: str,
-             guidance: float = GUIDANCE, t_min: int = T_MIN, t_max: int = T_MAX):
-    """L_dmd for generator latents z (B, h, w, 4); gradients flow to z only."""
+             guidance: float = GUIDANCE, t_min: int = T_MIN, t_max: int = T_MAX, real_dtype=None):
+    """L_dmd for generator latents z (B, h, w, 4); gradients flow to z only. `real_dtype`: what
+    the real score computes in (None: the UNet's own dtype)."""
     t, noise = draw_timesteps_and_noise(keys, z.shape, t_min, t_max)
     x0_real, x0_fake = score_predictions(unet, schedule, jax.lax.stop_gradient(z), t, noise, prompt, negative_prompt,
-                                         fake_set=fake_set, guidance=guidance)
+                                         fake_set=fake_set, guidance=guidance, real_dtype=real_dtype)
     return dmd_loss_from_predictions(z, x0_real, x0_fake)
 
 

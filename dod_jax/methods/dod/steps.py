@@ -25,6 +25,7 @@ from flax import nnx, struct
 
 from dod_jax import adapters
 from dod_jax.methods import TrainingSteps
+from dod_jax.methods.dod.build import DTYPES
 from dod_jax.methods.dod.model import DOD, PromptEmbedding, all_trained, trainable
 from dod_jax.errors import ConfigError
 from dod_jax.optim import accumulate, apply_if_finite, learning_rate, optimizer
@@ -89,6 +90,7 @@ class Stage(TrainingSteps):
     micro_batches: int = 1
     fake_updates: int = 1
     clamp_output: bool = True  # train.clamp_output (configs/dod.py)
+    real_score_dtype: Any = None  # train.real_score_dtype as a jnp dtype; None: train.dtype
 
     # --------------------------------------------------------------------------- set-up
 
@@ -107,12 +109,16 @@ class Stage(TrainingSteps):
         if stage1 and weights["lpips"] and lpips is None:
             raise ConfigError("stage 1 with an LPIPS weight needs the LPIPS network (train.lpips_weights)")
         lpips_graphdef, lpips_state = nnx.split(lpips) if lpips is not None else (None, None)
+        real = train_cfg.real_score_dtype
+        if real is not None and real not in DTYPES:
+            raise ConfigError(f"train.real_score_dtype must be None or one of {sorted(DTYPES)}, got {real!r}")
         schedule = lambda lr: learning_rate(lr, train_cfg.steps, train_cfg.lr_schedule, train_cfg.warmup,
                                             train_cfg.final_lr_fraction)
         gen_tx = optimizer(schedule(train_cfg.lr), train_cfg.weight_decay, train_cfg.clip, *train_cfg.betas)
         fake_tx = optimizer(schedule(train_cfg.fake_lr), train_cfg.weight_decay, train_cfg.fake_clip, *train_cfg.betas)
         self = cls(stage, graphdef, lpips_graphdef, weights, gen_tx, fake_tx, train_cfg.micro_batches,
-                   train_cfg.fake_updates if stage1 else 0, train_cfg.clamp_output)
+                   train_cfg.fake_updates if stage1 else 0, train_cfg.clamp_output,
+                   None if real is None else DTYPES[real])
         state = TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=gen_tx.init(params),
             fake_params=fake_params, fake_opt_state=fake_tx.init(fake_params) if stage1 else (),
@@ -156,7 +162,8 @@ class Stage(TrainingSteps):
             if w["dmd"]:
                 b = lq.shape[0]
                 metrics["dmd"] = dmd_loss(model.unet, model.schedule, x0, dmd_keys, model.context(b),
-                                          model.context(b, model.negative_prompt), fake_set=FAKE)
+                                          model.context(b, model.negative_prompt), fake_set=FAKE,
+                                          real_dtype=self.real_score_dtype)
                 loss = loss + w["dmd"] * metrics["dmd"]
         else:
             metrics["ssim"] = batch_ssim(restored, gt, data_range=2.0).mean()
