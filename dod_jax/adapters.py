@@ -80,6 +80,9 @@ class LoRA(nnx.Module):
 
     def __init__(self, layer: Linear | Conv2d, set_name: str, rank: int, alpha: float, *,
                  film_key: int | None, literal_gamma: bool, rngs):
+        if getattr(layer, "groups", 1) != 1:
+            raise ValueError(f"adapter set {set_name!r}: LoRA's A convolution cannot fold into a grouped "
+                             "convolution; routed experts can (AdapterSpec.experts)")
         kw = dict(use_bias=False, dtype=layer.dtype, param_dtype=TRAINED_DTYPE, rngs=rngs)
         if isinstance(layer, Linear):
             self.lora_A = Linear(layer.in_features, rank, **kw)
@@ -135,21 +138,22 @@ def _add_to_weights(layer, kernel_delta, bias_delta):
 
 class LoRAExperts(nnx.Module):
     """`experts` low-rank updates of one layer mixed per image by routing weights (LoRA-IR's
-    experts, loralib's layout): expert e's update of the PyTorch-layout weight (out, in, k, k)
-    is (B_e @ A_e).reshape(out, in, k, k) * alpha / rank, with A (E, rank*k, in*k) and
-    B (E, out*k, rank*k) (a Linear: k = 1, weight (out, in)). A is drawn as PyTorch's
+    experts, loralib's layout): expert e's update of the PyTorch-layout weight (out, in / g, k, k)
+    of a convolution of g groups is (B_e @ A_e).reshape(out, in / g, k, k) * alpha / rank, with
+    A (E, rank*k, in*k) and B (E, out/g*k, rank*k) (a Linear: k = g = 1, weight (out, in)). A is drawn as PyTorch's
     kaiming_uniform(a=sqrt(5)), B is zero. The layer adds sum_e w_e conv(x, dW_e), computed as
     one convolution per image with its mixed update conv(x, sum_e w_e dW_e)."""
 
     def __init__(self, layer: Linear | Conv2d, set_name: str, experts: int, rank: int, alpha: float, *, rngs):
         self.linear = isinstance(layer, Linear)
+        self.groups = 1 if self.linear else layer.groups
         if self.linear:
             k, cin, cout = 1, layer.in_features, layer.out_features
         else:
             k, cin, cout = layer.kernel.shape[0], layer.in_channels, layer.out_channels
             self.stride, self.padding = layer.stride, layer.padding
         self.lora_A = nnx.Param(uniform_fan_in(rngs, (experts, rank * k, cin * k), cin * k, TRAINED_DTYPE))
-        self.lora_B = nnx.Param(jnp.zeros((experts, cout * k, rank * k), TRAINED_DTYPE))
+        self.lora_B = nnx.Param(jnp.zeros((experts, cout // self.groups * k, rank * k), TRAINED_DTYPE))
         self.set_name, self.experts, self.rank, self.scale = set_name, experts, rank, alpha / rank
         self.kernel_size, self.cin, self.cout, self.dtype = k, cin, cout, layer.dtype
 
@@ -159,7 +163,7 @@ class LoRAExperts(nnx.Module):
         if self.linear:
             return w.transpose(0, 2, 1)
         k = self.kernel_size
-        return w.reshape(self.experts, self.cout, self.cin, k, k).transpose(0, 3, 4, 2, 1)
+        return w.reshape(self.experts, self.cout, self.cin // self.groups, k, k).transpose(0, 3, 4, 2, 1)
 
     def __call__(self, x):
         selection = _SELECTED.get()
@@ -171,7 +175,8 @@ class LoRAExperts(nnx.Module):
         mixed = jnp.einsum("be,e...->b...", selection.routing.astype(self.dtype), self.deltas().astype(self.dtype))
         if self.linear:
             return jnp.einsum("b...i,bio->b...o", x, mixed)
-        return jax.vmap(lambda image, kernel: conv2d(image[None], kernel, self.stride, self.padding)[0])(x, mixed)
+        return jax.vmap(lambda image, kernel: conv2d(image[None], kernel, self.stride, self.padding,
+                                                     groups=self.groups)[0])(x, mixed)
 
     def folded(self, routing):
         """(kernel delta, None) of one image's mix: `routing` of shape (1, experts)."""
