@@ -108,7 +108,9 @@ BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.PathContains(ADAPTERS)))
 
 
 def param_table(model: nnx.Module) -> list[TensorEntry]:
-    """The explicit name/layout table of a model's base parameters (adapters excluded)."""
+    """The explicit name/layout table of a model's base parameters (adapters excluded): a
+    `kernel` is PyTorch's `weight` in its layout, a `scale` a norm's `weight`, any other leaf
+    keeps its name and layout."""
     table = []
     for path, var in nnx.to_flat_state(nnx.state(model, BASE_PARAMS)):
         leaf = path[-1]
@@ -117,10 +119,8 @@ def param_table(model: nnx.Module) -> list[TensorEntry]:
             layout, torch_leaf = {2: "linear", 3: "conv1d", 4: "conv"}[len(shape)], "weight"
         elif leaf == "scale":
             layout, torch_leaf = "vector", "weight"
-        elif leaf == "bias":
-            layout, torch_leaf = "vector", "bias"
-        else:
-            raise TypeError(f"parameter {path} has no diffusers naming rule")
+        else:  # a bias, or a parameter named as PyTorch names it (CLIP's class_embedding, an Embedding's weight)
+            layout, torch_leaf = "vector", leaf
         name = ".".join(str(p) for p in path[:-1]) + "." + torch_leaf
         table.append(TensorEntry(tuple(path), name, layout, shape))
     return table
