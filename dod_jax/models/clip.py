@@ -19,14 +19,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dod_jax.models.layers import Conv2d, LayerNorm, Linear, compute_dtype, dot_product_attention, normal_init
+from dod_jax.models.layers import (Conv2d, LayerNorm, Linear, compute_dtype, dot_product_attention, gelu,
+                                    normal_init)
 
 
 def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
 
 
 @dataclasses.dataclass(frozen=True)

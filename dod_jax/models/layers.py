@@ -241,6 +241,20 @@ class Conv2d(nnx.Module):
         return batch_sharded(add_adapter_outputs(self, x, y))
 
 
+class Activation(nnx.Module):
+    """A parameter-free step of a PyTorch Sequential (keeps the others' indices as names)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, x):
+        return self.fn(x)
+
+
+def gelu(x):
+    return jax.nn.gelu(x, approximate=False)  # PyTorch's nn.GELU: the exact erf form
+
+
 def _affine_norm_params(module, features: int, param_dtype: Dtype):
     module.scale = nnx.Param(jnp.ones((features,), param_dtype))
     module.bias = nnx.Param(jnp.zeros((features,), param_dtype))

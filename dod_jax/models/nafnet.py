@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dod_jax.models.layers import Conv2d, LayerNorm
+from dod_jax.models.layers import Activation, Conv2d, LayerNorm, gelu
 
 NORM_EPS = 1e-6
 PAD_MULTIPLE = 16  # the input is zero-padded right and bottom to a multiple of this
@@ -72,20 +72,6 @@ class AveragePool(nnx.Module):
         if self.window is None:
             return jnp.mean(x, axis=(1, 2), keepdims=True)
         return local_average(x, self.window)
-
-
-class Activation(nnx.Module):
-    """A parameter-free step of a PyTorch Sequential (keeps the others' indices as names)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, x):
-        return self.fn(x)
-
-
-def gelu(x):
-    return jax.nn.gelu(x, approximate=False)  # PyTorch's nn.GELU: the exact erf form
 
 
 class NAFBlock(nnx.Module):
