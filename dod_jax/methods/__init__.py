@@ -45,7 +45,7 @@ from typing import Any
 from dod_jax.errors import ConfigError
 
 # name -> the module whose METHOD is that method, imported when first asked for
-KNOWN = {"dod": "dod_jax.methods.dod.method"}
+KNOWN = {"dod": "dod_jax.methods.dod.method", "lorair": "dod_jax.methods.lorair.method"}
 _loaded: dict[str, "Method"] = {}
 
 

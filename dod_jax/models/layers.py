@@ -23,6 +23,7 @@ from flax import nnx
 from dod_jax.errors import ConfigError
 
 Dtype = jnp.dtype
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}  # as configs name them
 
 
 class NumpyRngs:

@@ -195,7 +195,7 @@ def run(config, workdir, *, stop_at: int | None = None) -> dict:
     try:
         for step in progress:
             local = next(iterator)
-            batch = parallel.global_batch({"lq": local["lq"], "gt": local["gt"]}, mesh)
+            batch = parallel.global_batch({k: local[k] for k in ("lq", "gt", "task")}, mesh)
             state, metrics, restored = compiled.step(state, frozen, batch)
             if step == start:  # the first call compiled the step: say so once it has run
                 jax.block_until_ready(metrics)

@@ -151,7 +151,7 @@ def plan_step(config, topology: str, per_chip_batch: int, devices=None, status=p
     step = compile_step(steps, state, frozen, mesh, parallel.rules_dict(config.parallel.rules), config.parallel.shard_frozen)
     status(f"{tc.stage}: compiling the step for {topology} (mesh {dict(mesh.shape)}) ...")
     start = time.perf_counter()
-    batch = {"lq": image, "gt": image}
+    batch = {"lq": image, "gt": image, "task": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
     lowered = step.step.lower(state, frozen, batch)
     # the flat inputs jit keeps: it drops those the step never reads (stage 1 the DEMs); a
     # private field in jax 0.10.2, which the project pins

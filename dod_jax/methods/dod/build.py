@@ -17,7 +17,7 @@ from dod_jax.methods.dod.prompts import load_prompt_embeddings
 from dod_jax.errors import ConfigError
 from dod_jax.files import file_identity
 from dod_jax.models.adm import ADMConfig, ADMEncoder
-from dod_jax.models.layers import ATTENTION_IMPLEMENTATIONS, FixedKeyRngs, NumpyRngs
+from dod_jax.models.layers import ATTENTION_IMPLEMENTATIONS, DTYPES, FixedKeyRngs, NumpyRngs
 from dod_jax.models.unet import UNet2DCondition, UNetConfig
 from dod_jax.models.vae import AutoencoderKL, VAEConfig
 from dod_jax.schedule import DDPMSchedule
@@ -37,7 +37,6 @@ def adm_config(config) -> ADMConfig:
     return ADMConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in config.adm.items()})
 
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def attention(config) -> str:
