@@ -19,7 +19,7 @@ LAYERS = [
     ("methods", ["dod_jax.methods"]),
     ("training, restore", ["dod_jax.training", "dod_jax.restore"]),
     ("evaluation", ["dod_jax.evaluation"]),
-    ("commands", ["dod_jax.demo", "dod_jax.methods.dod.convert"]),
+    ("commands", ["dod_jax.demo", "dod_jax.methods.dod.convert", "dod_jax.methods.lorair.convert"]),
 ]
 # Within a layer: inference never imports the trainer. The method-free layers reach a method only
 # through the registry (dod_jax.methods), never by importing its package.

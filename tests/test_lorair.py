@@ -142,3 +142,55 @@ def test_the_trained_model_restores_a_folder_and_is_a_row_of_evaluate(runs, tmp_
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["rows"] == {"lq": "Input (LQ)", "lorair": "LoRA-IR"}
     assert "| LoRA-IR |" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_the_authors_files_convert_to_a_bundle_that_restores_as_their_model(tmp_path):
+    """The authors' two files, written from the PyTorch re-statements (transformers' CLIP tower in
+    bfloat16 with a torch router head; the IR network of LORA_IR.md) at the tiny config's sizes,
+    convert to a bundle whose restore equals the re-stated pipeline: the router's views, e_clip,
+    the top-1 routing, the IR network with its experts, clamped (1e-4). A file that is not a
+    LoRA-IR checkpoint is one clear line."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from lorair_reference import LoRAIRNet, randomise
+    from test_lorair_router import EMBED, TOWER, reference_router
+    from dod_jax.adapters import top_k_routing
+    from dod_jax.methods.lorair.convert import main as convert_main
+    from dod_jax.restore.engine import RestoreSettings
+
+    config = load_config(ROOT / "configs" / "lorair_tiny.py")
+    assert (config.clip.to_dict(), config.lorair.embed_dim) == (TOWER, EMBED)  # the router test's sizes
+    tower, head, tensors = reference_router()
+    with torch.no_grad():  # the authors' file holds CLIP in bfloat16: the reference computes with those values
+        for p in tower.parameters():
+            p.copy_(p.bfloat16().float())
+    router_tensors = {k: torch.from_numpy(v) for k, v in tensors.items() if not k.startswith("clip_model.")}
+    router_tensors.update({f"clip_model.vision_tower.{k}": v.bfloat16() for k, v in tower.state_dict().items()})
+    cfg = config.lorair
+    ir = randomise(LoRAIRNet(width=cfg.width, enc=tuple(cfg.enc_blocks), middle=cfg.middle_blocks,
+                             dec=tuple(cfg.dec_blocks), embed=cfg.embed_dim, hidden=cfg.dam_hidden,
+                             experts=cfg.experts, rank=cfg.rank)).eval()
+    torch.save({"params": router_tensors}, tmp_path / "router.pth")
+    torch.save({"params": ir.state_dict()}, tmp_path / "ir.pth")
+    assert convert_main(["--router", str(tmp_path / "router.pth"), "--ir", str(tmp_path / "ir.pth"),
+                         "--out", str(tmp_path / "bundle"), "--config", str(ROOT / "configs" / "lorair_tiny.py")]) == 0
+    loaded = load_model(tmp_path / "bundle", dtype="float32")
+    assert loaded.stage == "stage2" and (tmp_path / "bundle" / "clip" / "model.safetensors").is_file()
+
+    image = demo_photos()["chelsea"][:48, :64]  # multiples of 16: no padding on either side
+    views = router_views(image, config.clip.image_size)
+    with torch.no_grad():
+        embeds = tower(pixel_values=torch.from_numpy(views.transpose(0, 3, 1, 2))).image_embeds[None]
+        e_clip = head["de_extractor"](torch.cat([embeds[:, 0], embeds[:, 1:].mean(1)], dim=-1))
+        routing = torch.from_numpy(np.array(top_k_routing(jnp.asarray(head["cls_head"](e_clip).numpy()), 1)))
+        lq = torch.from_numpy(image.transpose(2, 0, 1)[None].astype(np.float32) / 255)
+        expected = ir(lq, e_clip, routing).clamp(0, 1)[0].numpy().transpose(1, 2, 0)
+    got = loaded.restorer(RestoreSettings.from_config(loaded.config)).restore([image.astype(np.float32) / 255])[0]
+    assert np.abs(expected - image / 255).max() > 0.05
+    assert np.abs(got - expected).max() <= 1e-4, np.abs(got - expected).max()
+
+    torch.save({"state_dict": {}}, tmp_path / "other.pth")
+    with pytest.raises(SystemExit) as exit_:
+        convert_main(["--router", str(tmp_path / "other.pth"), "--ir", str(tmp_path / "ir.pth"), "--out",
+                      str(tmp_path / "b2"), "--config", str(ROOT / "configs" / "lorair_tiny.py")])
+    assert exit_.value.code == 2 and not (tmp_path / "b2").exists()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx, traverse_util
 
+from dod_jax.models.layers import ADAPTERS
 from dod_jax.weights.diffusers import WeightsError
 
 EXPERTS = "experts"  # the adapter set holding LoRA-IR's routed experts
@@ -41,10 +42,17 @@ def _converted(name: str, value: np.ndarray, like: np.ndarray) -> np.ndarray:
     return value
 
 
+def has_experts(tensors: dict) -> bool:
+    """Whether an IR state dict is the fine-tuned one (with experts) or the stage-1 one."""
+    return any(name.endswith(("lora_A_list", "lora_B_list")) for name in tensors)
+
+
 def read_ir(model: nnx.Module, tensors: dict[str, np.ndarray], source: str, set_name: str = EXPERTS) -> None:
     """Put the authors' IR `tensors` (their state dict as NumPy arrays) into `model` (a
-    models.nafnet.NAFNetDAM, with set `set_name` of experts injected when the file holds them)."""
-    state = nnx.state(model, nnx.Param)
+    models.nafnet.NAFNetDAM with the experts set `set_name` injected); a file without experts
+    (stage 1) leaves them as they are."""
+    with_experts = has_experts(tensors)
+    state = nnx.state(model, nnx.Param if with_experts else nnx.All(nnx.Param, nnx.Not(nnx.PathContains(ADAPTERS))))
     flat = {".".join(map(str, k)): v for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(state)).items()}
     ours = {}
     for name, value in tensors.items():
