@@ -1,4 +1,5 @@
-"""dod-jax: DOD (one-step all-in-one image restoration on Stable Diffusion 2.1-base) in JAX.
+"""dod-jax: DOD (one-step all-in-one image restoration on Stable Diffusion 2.1-base) in JAX,
+and the all-in-one restorers around it behind one method interface (LoRA-IR so far).
 
 Layers, lowest first (tests/test_layering.py holds every import to them): base helpers
 (errors, files, configs, image_ops for image files, schedule, parallel, compilation_cache,
@@ -6,8 +7,8 @@ tiles, optim); models (Flax ports, no method logic); adapters (LoRA, CLoRA, inje
 merging); weights, losses with the metrics that are losses too, data, and checkpoint I/O
 (dod_jax.checkpoints: below both training and restore, so inference never imports the
 trainer); the methods (dod_jax.methods: the registry and the method interface; DOD in
-dod_jax.methods.dod); training and restore; evaluation (over restore); the commands (the
-demo, the authors'-checkpoint converter). A module imports its own layer and those below it,
+dod_jax.methods.dod, LoRA-IR in dod_jax.methods.lorair); training and restore; evaluation
+(over restore); the commands (the demo, the converters of the authors' checkpoints). A module imports its own layer and those below it,
 and training, restore and evaluation are method-free: they reach a method through the
 registry (`dod_jax.methods.of(config)`), never by importing its package.
 
