@@ -8,9 +8,10 @@ merging); weights, losses with the metrics that are losses too, data, and checkp
 (dod_jax.checkpoints: below both training and restore, so inference never imports the
 trainer); the methods (dod_jax.methods: the registry and the method interface; DOD in
 dod_jax.methods.dod, LoRA-IR in dod_jax.methods.lorair); training and restore; evaluation
-(over restore); the commands (the demo, the converters of the authors' checkpoints). A module imports its own layer and those below it,
-and training, restore and evaluation are method-free: they reach a method through the
-registry (`dod_jax.methods.of(config)`), never by importing its package.
+(over restore); the commands (the demo, the converters of the authors' checkpoints). A module
+imports its own layer and those below it, and training, restore and evaluation are
+method-free: they reach a method through the registry (`dod_jax.methods.of(config)`), never
+by importing its package.
 
 Importing the package sets no XLA option: every run gets XLA's defaults.
 
