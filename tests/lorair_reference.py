@@ -12,7 +12,8 @@ from torch import nn
 
 
 class ExpertConv(nn.Module):
-    """conv(x, W, b) + sum_e w_e conv(x, dW_e, no bias), dW_e = (B_e @ A_e).view(W) * alpha / r."""
+    """conv(x, W, b) + sum_e w_e conv(x, dW_e, no bias), dW_e = (B_e @ A_e).view(W) * alpha / r;
+    in eval mode at batch 1, as the authors' code, one conv with W + sum_e w_e dW_e."""
 
     def __init__(self, cin, cout, k, *, stride=1, padding=0, groups=1, bias=True, experts=3, rank=2):
         super().__init__()
@@ -22,12 +23,16 @@ class ExpertConv(nn.Module):
         self.scale = 2.0  # alpha = 2r
         self.routing = None  # (B, experts), set by the model for each call
 
+    def delta(self, e):
+        return (self.lora_B_list[e] @ self.lora_A_list[e]).view(self.conv.weight.shape) * self.scale
+
     def forward(self, x):
+        if not self.training and x.shape[0] == 1:  # the authors' eval at batch 1: one conv with merged weights
+            weight = self.conv.weight + sum(self.routing[0, e] * self.delta(e) for e in range(self.lora_A_list.shape[0]))
+            return F.conv2d(x, weight, self.conv.bias, self.conv.stride, self.conv.padding, 1, self.conv.groups)
         out = self.conv(x)
-        w = self.conv.weight
         for e in range(self.lora_A_list.shape[0]):
-            delta = (self.lora_B_list[e] @ self.lora_A_list[e]).view(w.shape) * self.scale
-            update = F.conv2d(x, delta, None, self.conv.stride, self.conv.padding, 1, self.conv.groups)
+            update = F.conv2d(x, self.delta(e), None, self.conv.stride, self.conv.padding, 1, self.conv.groups)
             out = out + self.routing[:, e].view(-1, 1, 1, 1) * update
         return out
 

@@ -25,15 +25,16 @@ TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
 EMBED, CLASSES = 24, 3
 
 
-def reference_router(seed: int = 0):
-    """transformers' tower and a torch head (de_extractor: Linear, GELU, Linear, GELU; cls_head)."""
+def reference_router(seed: int = 0, tower_sizes: dict = TOWER, embed: int = EMBED, classes: int = CLASSES):
+    """transformers' tower and a torch head (de_extractor: Linear, GELU, Linear, GELU; cls_head),
+    random non-trivial weights, and their tensors under the authors' names."""
     torch.manual_seed(seed)
-    tower = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**TOWER)).eval()
-    width = TOWER["projection_dim"]
+    tower = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**tower_sizes)).eval()
+    width = tower_sizes["projection_dim"]
     head = torch.nn.ModuleDict({
         "de_extractor": torch.nn.Sequential(torch.nn.Linear(2 * width, width), torch.nn.GELU(),
-                                            torch.nn.Linear(width, EMBED), torch.nn.GELU()),
-        "cls_head": torch.nn.Linear(EMBED, CLASSES)})
+                                            torch.nn.Linear(width, embed), torch.nn.GELU()),
+        "cls_head": torch.nn.Linear(embed, classes)})
     with torch.no_grad():
         for p in list(tower.parameters()) + list(head.parameters()):
             p.add_(torch.randn_like(p) * (0.1 if p.ndim == 1 else 0.02))

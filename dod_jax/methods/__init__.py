@@ -61,7 +61,8 @@ class TrainingSteps:
     """One training stage's update, as the loop compiles it (jax.jit, state donated)."""
 
     def train_step(self, state, frozen, batch) -> tuple[Any, dict, Any]:
-        """(state, frozen, {'lq', 'gt'} in [-1, 1]) -> (state, scalar metrics with 'loss', restored batch)."""
+        """(state, frozen, batch) -> (state, scalar metrics with 'loss', restored batch); the
+        batch holds 'lq' and 'gt' crops in [-1, 1] and 'task' ids (the task's place in the ratio)."""
         raise NotImplementedError
 
     def trained_params(self, state, frozen) -> dict:
