@@ -70,13 +70,16 @@ def stage_filter(stage: str, finetune: str):
     return {"router": ROUTER_HEAD, "stage1": IR_BASE, "stage2": IR_ALL if finetune == "all" else IR_EXPERTS}[stage]
 
 
-def build_model(config, tower: CLIPVisionWithProjection) -> LoRAIR:
+def build_model(config, tower: CLIPVisionWithProjection, *, dtype: str | None = None) -> LoRAIR:
+    """LoRA-IR of `config` around the CLIP `tower`, its IR network computing in `dtype` (default
+    train.dtype), the experts injected on every convolution (B zero)."""
     cfg = config.lorair
     rngs = NumpyRngs(config.train.seed + 1)
     router = DGRouter(tower, classes=cfg.classes, embed_dim=cfg.embed_dim, rngs=rngs)
     ir = NAFNetDAM(width=cfg.width, enc_blocks=tuple(cfg.enc_blocks), middle_blocks=cfg.middle_blocks,
                    dec_blocks=tuple(cfg.dec_blocks), embed_dim=cfg.embed_dim, dam_hidden=cfg.dam_hidden,
-                   tlc=None if cfg.tlc is None else tuple(cfg.tlc), dtype=DTYPES[config.train.dtype], rngs=rngs)
+                   tlc=None if cfg.tlc is None else tuple(cfg.tlc), dtype=DTYPES[dtype or config.train.dtype],
+                   rngs=rngs)
     convs = tuple(path for path, _ in adapters.layers(ir))
     adapters.inject(ir, adapters.AdapterSpec(EXPERTS, convs, rank=cfg.rank, alpha=cfg.alpha, experts=cfg.experts),
                     rngs)
@@ -129,7 +132,7 @@ class LoRAIRSteps(TrainingSteps):
         model = nnx.merge(self.graphdef, params, frozen)
         lq, gt = (batch["lq"] + 1.0) / 2.0, (batch["gt"] + 1.0) / 2.0
         views = training_views(lq, self.view_size)
-        if self.stage == "router":
+        if self.stage == "router":  # restores nothing: its sample sheets show the LQ crop twice
             _, logits = model.router(views)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["task"]).mean()
             accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == batch["task"])
@@ -191,7 +194,7 @@ class LoRAIRMethod(Method):
         return {"clip": file_identity(config.base.clip, root)}
 
     def build(self, config, *, dtype: str | None = None) -> Built:
-        return Built(build_model(config, clip_tower(config, dtype=dtype)), {})
+        return Built(build_model(config, clip_tower(config, dtype=dtype), dtype=dtype), {})
 
     def _steps(self, model: LoRAIR, config):
         tc, stage = config.train, config.train.stage
@@ -234,8 +237,8 @@ class LoRAIRMethod(Method):
         return LoRAIRRunner(built.model, use_experts=stage == "stage2")
 
     def describe(self, model: LoRAIR, config) -> dict:
-        return {"dtype": config.train.dtype, "experts": config.lorair.experts, "top_k": config.lorair.top_k,
-                "tlc": config.lorair.tlc}
+        return {"dtype": jnp.dtype(model.ir.intro.dtype).name, "experts": config.lorair.experts,
+                "top_k": config.lorair.top_k, "tlc": config.lorair.tlc}
 
 
 METHOD = LoRAIRMethod()
