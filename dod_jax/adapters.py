@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dod_jax.models.layers import ADAPTERS, Conv2d, Linear, conv2d, normal_init, uniform_fan_in
+from dod_jax.models.layers import (ADAPTERS, Conv2d, Linear, compute_dtype, conv2d, normal_init, uniform_fan_in,
+                                    weight_at_use)
 
 # Adapters are trained: their weights are float32 whatever the layer they hang on stores (a
 # base stored in bfloat16, base.dtype); they compute in the layer's dtype.
@@ -140,9 +141,12 @@ class LoRAExperts(nnx.Module):
     """`experts` low-rank updates of one layer mixed per image by routing weights (LoRA-IR's
     experts, loralib's layout): expert e's update of the PyTorch-layout weight (out, in / g, k, k)
     of a convolution of g groups is (B_e @ A_e).reshape(out, in / g, k, k) * alpha / rank, with
-    A (E, rank*k, in*k) and B (E, out/g*k, rank*k) (a Linear: k = g = 1, weight (out, in)). A is drawn as PyTorch's
-    kaiming_uniform(a=sqrt(5)), B is zero. The layer adds sum_e w_e conv(x, dW_e), computed as
-    one convolution per image with its mixed update conv(x, sum_e w_e dW_e)."""
+    A (E, rank*k, in*k) and B (E, out/g*k, rank*k) (a Linear: k = g = 1, weight (out, in)). A is
+    drawn as PyTorch's kaiming_uniform(a=sqrt(5)), B is zero. While selected it replaces the
+    layer's output with conv(x, W0 + sum_e w_e dW_e) + b0: one convolution per image with its
+    mixed weights (the authors' code merges so at batch 1), not W0's and the update's apart."""
+
+    replaces = True  # models.layers calls `replace(layer, x)` instead of adding an output
 
     def __init__(self, layer: Linear | Conv2d, set_name: str, experts: int, rank: int, alpha: float, *, rngs):
         self.linear = isinstance(layer, Linear)
@@ -155,7 +159,7 @@ class LoRAExperts(nnx.Module):
         self.lora_A = nnx.Param(uniform_fan_in(rngs, (experts, rank * k, cin * k), cin * k, TRAINED_DTYPE))
         self.lora_B = nnx.Param(jnp.zeros((experts, cout // self.groups * k, rank * k), TRAINED_DTYPE))
         self.set_name, self.experts, self.rank, self.scale = set_name, experts, rank, alpha / rank
-        self.kernel_size, self.cin, self.cout, self.dtype = k, cin, cout, layer.dtype
+        self.kernel_size, self.cin, self.cout = k, cin, cout
 
     def deltas(self):
         """Every expert's weight update in the layer's layout: (E, in, out) or (E, k, k, in, out)."""
@@ -165,18 +169,22 @@ class LoRAExperts(nnx.Module):
         k = self.kernel_size
         return w.reshape(self.experts, self.cout, self.cin // self.groups, k, k).transpose(0, 3, 4, 2, 1)
 
-    def __call__(self, x):
+    def replace(self, layer, x):
+        """The layer's output with each image's mixed weights, or None when the set is not selected."""
         selection = _SELECTED.get()
         if selection.name != self.set_name:
             return None
         if selection.routing is None:
             raise ValueError(f"adapter set {self.set_name!r} holds routed experts: select it with routing weights")
-        x = x.astype(self.dtype)
-        mixed = jnp.einsum("be,e...->b...", selection.routing.astype(self.dtype), self.deltas().astype(self.dtype))
+        dtype = compute_dtype(layer.dtype)
+        mixed = jnp.einsum("be,e...->b...", selection.routing.astype(dtype), self.deltas().astype(dtype))
+        kernels, x = weight_at_use(layer.kernel[...], dtype)[None] + mixed, x.astype(dtype)
         if self.linear:
-            return jnp.einsum("b...i,bio->b...o", x, mixed)
-        return jax.vmap(lambda image, kernel: conv2d(image[None], kernel, self.stride, self.padding,
-                                                     groups=self.groups)[0])(x, mixed)
+            y = jnp.einsum("b...i,bio->b...o", x, kernels)
+        else:
+            y = jax.vmap(lambda image, kernel: conv2d(image[None], kernel, self.stride, self.padding,
+                                                      groups=self.groups)[0])(x, kernels)
+        return y if layer.bias is None else y + layer.bias[...].astype(dtype)
 
     def folded(self, routing):
         """(kernel delta, None) of one image's mix: `routing` of shape (1, experts)."""
@@ -211,7 +219,7 @@ class TrainedCopy(nnx.Module):
             self.copy.bias.set_value(layer.bias[...].astype(TRAINED_DTYPE))
         self.set_name = set_name
 
-    def __call__(self, x):
+    def replace(self, layer, x):
         return self.copy(x) if _SELECTED.get().name == self.set_name else None
 
     def merge_into(self, layer, film=None, routing=None):

@@ -92,11 +92,12 @@ def normal_per_sample(key, shape, dtype=jnp.float32):
 
 
 def replacement_output(layer: nnx.Module, x):
-    """The output of a selected adapter that replaces `layer` (dod_jax.adapters.TrainedCopy),
-    or None: then the layer computes with its own weights."""
+    """The output of a selected adapter that replaces `layer`'s (dod_jax.adapters.TrainedCopy,
+    LoRAExperts: `adapter.replace(layer, x)`), or None: then the layer computes with its own
+    weights."""
     for adapter in getattr(layer, ADAPTERS, {}).values():
         if getattr(adapter, "replaces", False):
-            out = adapter(x)
+            out = adapter.replace(layer, x)
             if out is not None:
                 return out
     return None
