@@ -196,6 +196,30 @@ def test_small_convolutions_as_im2col_equal_xla_convolutions(size, kernel, strid
         np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max())
 
 
+@pytest.mark.parametrize("size, kernel, stride, padding", [(9, 3, 1, 1), (9, 3, 2, 1), (8, 5, 1, 2), (6, 3, 1, 0)])
+def test_depthwise_convolutions_as_shifted_sums_equal_xla_convolutions(size, kernel, stride, padding):
+    # One input and one output channel per group (NAFNet's 3x3 convolutions) takes the sum of
+    # shifted views: its value and both gradients against XLA's grouped convolution; a grouped
+    # convolution of several channels per group keeps XLA's
+    rng = np.random.default_rng(size + stride)
+    x = jnp.asarray(rng.standard_normal((2, size, size + 3, 6)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((kernel, kernel, 1, 6)), jnp.float32)
+    weights = jnp.asarray(rng.standard_normal(6), jnp.float32)
+    xla = lambda x, k: jax.lax.conv_general_dilated(x, k, (stride, stride), ((padding, padding),) * 2,
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6)
+    loss = lambda conv: jax.jit(jax.value_and_grad(lambda x, k: (conv(x, k) * weights).sum(), argnums=(0, 1)))
+    ours = lambda x, k: conv2d(x, k, stride, padding, groups=6)
+    (value, grads), (their_value, their_grads) = loss(ours)(x, k), loss(xla)(x, k)
+    assert ours(x, k).shape == xla(x, k).shape
+    np.testing.assert_allclose(ours(x, k), xla(x, k), atol=1e-5)
+    assert "convolution" not in jax.jit(ours).lower(x, k).as_text()
+    np.testing.assert_allclose(value, their_value, rtol=1e-5)
+    for a, b in zip(grads, their_grads):
+        np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max())
+    paired = jnp.asarray(rng.standard_normal((kernel, kernel, 2, 6)), jnp.float32)
+    assert "convolution" in jax.jit(lambda x, k: conv2d(x, k, stride, padding, groups=3)).lower(x, paired).as_text()
+
+
 def test_unknown_attention_implementation_is_refused():
     q = jnp.zeros((1, 4, 1, 8))
     with pytest.raises(ValueError, match="flash"):
