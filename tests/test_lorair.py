@@ -104,6 +104,37 @@ def test_a_few_steps_of_each_ir_stage_lower_its_loss(runs, stage, previous):
     assert all(b < a for a, b in zip(losses[1:], losses[2:])) and losses[-1] < losses[0], losses
 
 
+def test_a_stage_2_step_on_8_devices_equals_the_step_on_one(runs):
+    """Two stage-2 steps (experts routed per image) on 8 crops: on one device and on a
+    (data 4, fsdp 2) mesh with the frozen router FSDP-sharded, as DOD's (test_training.py), one
+    crop per device: the same losses and restorations, the same Adam steps."""
+    from test_training import assert_adam_steps_agree, steps_on
+    from dod_jax import parallel
+    from dod_jax.training.loop import compile_step
+
+    assert jax.device_count() == 8, "conftest sets 8 virtual CPU devices"
+    root, _ = runs
+    config = tiny("stage2", 2, root / "stage1" / "checkpoints")
+    steps, state, frozen = METHOD.training(config)
+    crops, cleans, labels = held_out_crops(per_class=3, size=32)
+    batches = [{"lq": np.stack(crops[i:i + 8]) / 127.5 - 1.0, "gt": np.stack(cleans[i:i + 8]) / 127.5 - 1.0,
+                "task": labels[i:i + 8].astype(np.int32)} for i in (0, 1)]
+    batches = [{k: v.astype(np.float32) if k != "task" else v for k, v in b.items()} for b in batches]
+    one_mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    one, metrics1, restored1 = steps_on(compile_step(steps, state, frozen, one_mesh), state, frozen, batches,
+                                        one_mesh)
+    mesh = parallel.make_mesh(data=4, fsdp=2)
+    compiled = compile_step(steps, state, frozen, mesh, parallel.rules_dict(config.parallel.rules), shard_frozen=True)
+    eight, metrics8, restored8 = steps_on(compiled, state, frozen, batches, mesh)
+    assert any("fsdp" in s.spec for s in jax.tree.leaves(compiled.frozen_shardings))
+    assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(eight.params))
+    for m8, m1 in zip(metrics8, metrics1):
+        np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=2e-5)
+    np.testing.assert_allclose(restored8, restored1, atol=2e-5)
+    assert_adam_steps_agree(eight.params, one.params, config.lorair.optim.stage2.lr, steps=2)
+    assert int(eight.step) == int(one.step) == 2
+
+
 def test_each_stage_trains_what_it_should(runs):
     root, _ = runs
     state = lambda name, which: nnx.to_pure_dict(nnx.state(load_model(root / name, dtype="float32").model, which))
