@@ -239,6 +239,14 @@ def test_an_image_routed_to_one_expert_gets_exactly_that_experts_update():
         update = numpy_conv(x[image:image + 1].astype(np.float64), kernel, conv.stride, conv.padding)[0]
         assert np.abs(update).max() > 0.1
         np.testing.assert_allclose(routed[image] - base[image], update, atol=2e-5)
+    # two experts per image (a batch mixes the experts' outputs): the weighted sum of both updates
+    soft = adapters.top_k_routing(jnp.asarray(np.random.default_rng(6).standard_normal((3, 3)), jnp.float32), 2)
+    with adapters.select("mix", routing=soft):
+        mixed = np.asarray(conv(jnp.asarray(x)))
+    for image, weights in enumerate(np.asarray(soft, np.float64)):
+        kernel = sum(w * torch_layout_update(mix, e) for e, w in enumerate(weights)).transpose(2, 3, 1, 0)
+        update = numpy_conv(x[image:image + 1].astype(np.float64), kernel, conv.stride, conv.padding)[0]
+        np.testing.assert_allclose(mixed[image] - base[image], update, atol=2e-5)
     proj = model.proj
     _, _, linear_mix = next((p, l, a) for p, l, a in adapters.adapted(model, "mix") if p == "proj")
     tokens = np.random.default_rng(4).standard_normal((3, 4, 6)).astype(np.float32)
