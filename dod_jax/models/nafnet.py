@@ -115,13 +115,33 @@ class Stage(nnx.Module):
         self.blocks = nnx.List([NAFBlock(c, pool_window=pool_window, dtype=dtype, param_dtype=param_dtype,
                                          rngs=rngs) for _ in range(blocks)])
 
-    def __call__(self, x, e_d=None):
+    def __call__(self, x, e_d=None, *, scan: bool = False):
         if self.modulated:
             m = jax.nn.sigmoid(self.conv4(jax.nn.relu(self.conv3(self.conv2(gelu(self.conv1(e_d)))))))
             x = x + self.beta[...].astype(x.dtype) * (self.norm(x) * m)
+        if scan and len(self.blocks) > 1:
+            return scanned(self.blocks, x)
         for block in self.blocks:
             x = block(x)
         return x
+
+
+def scanned(blocks, x):
+    """x through `blocks` (modules of one structure) in turn, as one lax.scan over their
+    parameters stacked at call time. For gradients: unrolled, XLA:CPU fuses the backward pass's
+    residual-gradient sums of all later blocks into each block's weight-gradient transposes (work
+    quadratic in depth: 28 NAFBlocks of 512 channels on (4, 16, 16), 17 s a gradient, 3 s
+    scanned; TPU compiles the unrolled chain linearly) and compiles every block anew (67 s
+    against 6). The stacking copies the parameters once a call, so restore keeps the loop."""
+    graphdef, _ = nnx.split(blocks[0])
+    states = []
+    for block in blocks:
+        block_graphdef, state = nnx.split(block)
+        if block_graphdef != graphdef:
+            raise ValueError(f"scanned: {type(block).__name__}s of different structures cannot be stacked")
+        states.append(state)
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    return jax.lax.scan(lambda h, state: (nnx.merge(graphdef, state)(h), None), x, stacked)[0]
 
 
 class NAFNetDAM(nnx.Module):
@@ -164,7 +184,8 @@ class NAFNetDAM(nnx.Module):
         self.ups, self.decoders = nnx.List(ups), nnx.List(decoders)
         self.ending = Conv2d(width, in_channels, 3, padding=1, **kw)
 
-    def __call__(self, lq, embedding):
+    def __call__(self, lq, embedding, *, scan: bool = False):
+        """`scan`: each stage's blocks as one lax.scan (`scanned`: for training; same values)."""
         b, h, w, _ = lq.shape
         padded = jnp.pad(lq, ((0, 0), (0, -h % PAD_MULTIPLE), (0, -w % PAD_MULTIPLE), (0, 0)))
         e_d = embedding[:, None, None, :]
@@ -172,10 +193,10 @@ class NAFNetDAM(nnx.Module):
             e_d = layer(e_d)
         x, skips = self.intro(padded), []
         for encoder, down in zip(self.encoders, self.downs):
-            x = encoder(x, e_d)
+            x = encoder(x, e_d, scan=scan)
             skips.append(x)
             x = down(x)
-        x = self.middle_blks(x, e_d)
+        x = self.middle_blks(x, e_d, scan=scan)
         for decoder, up, skip in zip(self.decoders, self.ups, skips[::-1]):
-            x = decoder(up[1](up[0](x)) + skip)
+            x = decoder(up[1](up[0](x)) + skip, scan=scan)
         return (self.ending(x) + padded)[:, :h, :w]

@@ -50,9 +50,10 @@ class LoRAIR(nnx.Module):
         return e_clip, logits, adapters.top_k_routing(logits, self.top_k)
 
     def __call__(self, lq, views, use_experts: bool):
+        """The training forward: (restored, router logits), the IR network's blocks scanned."""
         e_clip, logits, routing = self.routed(views)
         with adapters.select(EXPERTS if use_experts else None, routing=routing):
-            return self.ir(lq, e_clip), logits
+            return self.ir(lq, e_clip, scan=True), logits
 
 
 ROUTER_HEAD = nnx.All(nnx.Param, nnx.PathContains("router"), nnx.Not(nnx.PathContains("clip_model")))
