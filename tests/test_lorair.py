@@ -69,6 +69,12 @@ def held_out_crops(per_class: int = 20, size: int = 64):
     return crops, cleans, np.array(labels)
 
 
+def training_batch(crops, cleans, labels) -> dict:
+    """A batch as the loop hands it to a step: uint8 crops to [-1, 1] float32, task ids int32."""
+    scaled = lambda images: (np.stack(images) / 127.5 - 1.0).astype(np.float32)
+    return {"lq": scaled(crops), "gt": scaled(cleans), "task": np.asarray(labels, np.int32)}
+
+
 def test_the_router_learns_the_degradations_of_held_out_photos(runs):
     """The router on a random 2-layer CLIP classifies 60 held-out crops (3 classes) well above
     the 1/3 of chance after ROUTER_STEPS steps: measured 0.667 (haze 1.0, noise 0.85, rain
@@ -93,9 +99,7 @@ def test_a_few_steps_of_each_ir_stage_lower_its_loss(runs, stage, previous):
     config = tiny(stage, 5, root / previous / "checkpoints")
     getattr(config.lorair.optim, stage).update(lr=1e-3, final_lr=1e-3)
     steps, state, frozen = METHOD.training(config)
-    crops, cleans, labels = held_out_crops(per_class=2, size=32)
-    batch = {"lq": jnp.asarray(np.stack(crops) / 127.5 - 1.0, jnp.float32),
-             "gt": jnp.asarray(np.stack(cleans) / 127.5 - 1.0, jnp.float32), "task": jnp.asarray(labels, jnp.int32)}
+    batch = training_batch(*held_out_crops(per_class=2, size=32))
     step = jax.jit(steps.train_step)
     losses = []
     for _ in range(5):
@@ -117,9 +121,7 @@ def test_a_stage_2_step_on_8_devices_equals_the_step_on_one(runs):
     config = tiny("stage2", 2, root / "stage1" / "checkpoints")
     steps, state, frozen = METHOD.training(config)
     crops, cleans, labels = held_out_crops(per_class=3, size=32)
-    batches = [{"lq": np.stack(crops[i:i + 8]) / 127.5 - 1.0, "gt": np.stack(cleans[i:i + 8]) / 127.5 - 1.0,
-                "task": labels[i:i + 8].astype(np.int32)} for i in (0, 1)]
-    batches = [{k: v.astype(np.float32) if k != "task" else v for k, v in b.items()} for b in batches]
+    batches = [training_batch(crops[i:i + 8], cleans[i:i + 8], labels[i:i + 8]) for i in (0, 1)]
     one_mesh = parallel.make_mesh(devices=jax.devices()[:1])
     one, metrics1, restored1 = steps_on(compile_step(steps, state, frozen, one_mesh), state, frozen, batches,
                                         one_mesh)
